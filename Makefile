@@ -1,0 +1,48 @@
+# The two commands of the README:  `make run` (the main job) and `make test` (the whole suite).
+# Both bootstrap a fresh machine: a .venv with the pinned torch, the project, and Fashion-MNIST.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.aso-se-installed
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+RUN_DIR ?= runs/fashion-mnist
+PRESET ?= fashion-mnist
+
+.PHONY: run test install data bench clean
+
+run: install data
+	$(PY) -m engine.cli search --preset $(PRESET) --out $(RUN_DIR)
+
+test: install data
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+# Re-installs only when setup.py changes; the venv itself is kept.
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FMNIST_DIR)/train-images-idx3-ubyte ]; then \
+	  echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Fashion-MNIST missing: installing dataset-fashion-mnist with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+	  echo "Fashion-MNIST not found in $(FMNIST_DIR). Install it with:  sudo apt-get install dataset-fashion-mnist"; \
+	  echo "or put the four idx files (train-images-idx3-ubyte.gz, ...) in a folder and pass --data-dir / FMNIST_DIR."; \
+	  echo "Tests that need the real data are skipped until then."; \
+	fi
+
+bench: install data
+	$(PY) bench/data.py --dataset fashion-mnist --json bench/results/data.json
+	$(PY) bench/mixed_sum.py --json bench/results/mixed_sum.json
+	$(PY) bench/step.py --preset fashion-mnist --json bench/results/step.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Fused kernels for ASO-SE. Each op lives in its own file with its PyTorch reference beside it."""

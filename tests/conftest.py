@@ -1,0 +1,69 @@
+"""Shared fixtures. Tests that need CUDA carry `@pytest.mark.cuda` and are skipped cleanly without a GPU;
+tests that need the real Fashion-MNIST files skip with a pointer to `make data` when they are missing."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data import FASHION_MNIST_DIR
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def have_fashion_mnist() -> bool:
+    return any(os.path.exists(os.path.join(FASHION_MNIST_DIR, f"train-images-idx3-ubyte{ext}")) for ext in (".gz", ""))
+
+
+needs_fashion_mnist = pytest.mark.skipif(not have_fashion_mnist(),
+                                         reason=f"Fashion-MNIST not in {FASHION_MNIST_DIR} (run `make data`)")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    if not have_fashion_mnist():
+        pytest.skip(f"Fashion-MNIST not in {FASHION_MNIST_DIR} (run `make data`)")
+    from engine.data import read_fashion_mnist
+    return read_fashion_mnist()
+
+
+def write_cifar_batch(path, images_chw: np.ndarray, labels, overrides: dict | None = None) -> None:
+    """A batch in CIFAR-10's own format: a pickled dict with bytes keys, b'data' (N, 3072) uint8 holding
+    the R, G, B planes row by row, b'labels' a list of ints."""
+    batch = {b"batch_label": b"testing batch", b"labels": [int(v) for v in labels],
+             b"data": images_chw.reshape(len(images_chw), -1),
+             b"filenames": [f"img{i}.png".encode() for i in range(len(images_chw))]}
+    batch.update(overrides or {})
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    """A cifar-10-batches-py directory with 5 small train batches and a test batch; returns (dir, images, labels)
+    where images are (N, 3, 32, 32) uint8 in file order (train batches then test)."""
+    rng = np.random.default_rng()
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    sizes = [7, 5, 6, 9, 4, 11]
+    names = [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]
+    all_images, all_labels = [], []
+    for name, n in zip(names, sizes):
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, n)
+        write_cifar_batch(root / name, images, labels)
+        all_images.append(images)
+        all_labels.append(labels)
+    return tmp_path, all_images, all_labels
