@@ -1,0 +1,290 @@
+"""Architecture manager: the logits, how each phase turns them into edge weights, the temperature, the
+statistics, and the genotype.
+
+One logits tensor (edges, ops) per cell type ("normal", "reduce"), shared by every cell of that type.
+Per phase (`sample`):
+    warmup            one-hot skip_connect, constant: no gradient reaches the logits
+    search / growth   Gumbel-softmax at temperature tau; hard (straight-through: value one-hot, gradient
+                      of the soft sample) by default, soft on request
+    derive            the genotype's edges, one-hot, constant (evaluating the current best architecture)
+A step asks for weights once; the op indices each edge must execute are computed here, on the host, in one
+transfer, so the mixed ops never synchronize per edge.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .ops import PRIMITIVES
+
+CELL_TYPES = ("normal", "reduce")
+PHASES = ("warmup", "search", "growth", "optimize")
+NONE = PRIMITIVES.index("none")
+SKIP = PRIMITIVES.index("skip_connect")
+
+
+def num_edges(nodes: int) -> int:
+    """DARTS cell: node j (0-based) has 2 + j incoming edges (both cell inputs and every earlier node)."""
+    return sum(2 + j for j in range(nodes))
+
+
+def edge_index(node: int, source: int) -> int:
+    """Index of the edge from state `source` (0, 1 = cell inputs, 2.. = nodes) into intermediate node `node`."""
+    return sum(2 + j for j in range(node)) + source
+
+
+@dataclass
+class CellWeights:
+    """What one cell type executes in one step."""
+    weights: torch.Tensor                 # (E, K): multiplies the executed outputs; may carry grad to logits
+    active: list[tuple[int, ...]]         # per edge, the op indices to execute (empty: the edge adds nothing)
+    unit: bool = False                    # exact one-hot and constant: outputs need no multiply
+
+
+@dataclass
+class ArchState:
+    """Counters a run logs: non-finite fallbacks and the op-selection histogram of the sampled ops."""
+    nan_events: int = 0
+    repaired_rows: int = 0
+    histogram: dict[str, list[int]] = field(default_factory=lambda: {t: [0] * len(PRIMITIVES) for t in CELL_TYPES})
+
+
+class Architecture(nn.Module):
+    def __init__(self, nodes: int = 4, *, init_std: float = 0.5, none_init: float = -2.0, skip_init: float = 1.0,
+                 hard: bool = True, skip_threshold: float = 0.0, dominant_threshold: float = 1.0,
+                 keep_threshold: float = 1.0, seed: int = 0):
+        super().__init__()
+        self.nodes = nodes
+        self.edges = num_edges(nodes)
+        self.init_std, self.none_init, self.skip_init = init_std, none_init, skip_init
+        self.hard = hard
+        self.skip_threshold, self.dominant_threshold, self.keep_threshold = skip_threshold, dominant_threshold, keep_threshold
+        g = torch.Generator().manual_seed(seed)
+        self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(g)) for t in CELL_TYPES})
+        self.tau = 1.0
+        self.skip_bias = 0.0
+        self.state = ArchState()
+
+    def _init_logits(self, generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
+        """N(0, init_std) with `none` pushed down and `skip_connect` up, so `none` cannot dominate the start."""
+        rows = self.edges if rows is None else rows
+        x = torch.randn(rows, len(PRIMITIVES), generator=generator) * self.init_std
+        x[:, NONE] = self.none_init
+        x[:, SKIP] = self.skip_init
+        return x
+
+    # ------------------------------------------------------------------------------------------ weights
+    def sample(self, phase: str, *, grad: bool = False, generator: torch.Generator | None = None) -> dict[str, CellWeights]:
+        """Edge weights for one step. `grad=True` (architecture steps) keeps the graph to the logits."""
+        if phase == "warmup":
+            return {t: self._one_hot([SKIP] * self.edges, t) for t in CELL_TYPES}
+        if phase == "derive":
+            return self.derived_weights()
+        if phase not in ("search", "growth"):
+            raise ValueError(f"no supernet weights for phase {phase!r}")
+        return {t: self._gumbel(t, grad, generator) for t in CELL_TYPES}
+
+    def _one_hot(self, choice: list[int | None], cell_type: str) -> CellWeights:
+        logits = self.logits[cell_type]
+        w = torch.zeros(self.edges, len(PRIMITIVES), device=logits.device, dtype=logits.dtype)
+        active = []
+        for e, k in enumerate(choice):
+            if k is not None:
+                w[e, k] = 1.0
+            active.append(() if k is None or k == NONE else (k,))
+        return CellWeights(w, active, unit=True)
+
+    def _gumbel(self, cell_type: str, grad: bool, generator: torch.Generator | None) -> CellWeights:
+        logits = self.logits[cell_type]
+        if not grad:
+            logits = logits.detach()
+        # Non-finite rows fall back to skip_connect. Sanitize *before* the softmax: a where() after it would
+        # still send 0 * NaN = NaN back through the softmax's Jacobian.
+        finite = torch.isfinite(logits).all(dim=1, keepdim=True)                       # (E, 1)
+        safe = torch.where(finite, logits, torch.zeros_like(logits))
+        if self.skip_bias:
+            safe = safe + self._skip_bias_row(safe)
+        # Gumbel(0, 1) = -log(Exp(1)); clamping keeps log away from 0 (and exponential_ can return 0 on CUDA).
+        u = torch.empty_like(safe).exponential_(generator=generator).clamp_(min=torch.finfo(safe.dtype).tiny)
+        soft = torch.softmax((safe - u.log()) / self.tau, dim=1)
+        bad = ~finite | ~torch.isfinite(soft).all(dim=1, keepdim=True)
+        skip_row = torch.zeros_like(soft)
+        skip_row[:, SKIP] = 1.0
+        soft = torch.where(bad, skip_row, soft)
+        if self.hard:
+            index = soft.argmax(dim=1)
+            hard = torch.zeros_like(soft).scatter_(1, index[:, None], 1.0)
+            w = hard - soft.detach() + soft if grad else hard   # straight-through: value one-hot, grad of soft
+            idx = index.tolist()                                     # the step's one host transfer
+            active = [() if k == NONE else (k,) for k in idx]
+            hist = self.state.histogram[cell_type]
+            for k in idx:
+                hist[k] += 1
+        else:
+            w = soft
+            active = self._thresholded(soft.detach())
+        self.state.nan_events += int(bad.sum())
+        return CellWeights(w, active, unit=self.hard and not grad)
+
+    def _skip_bias_row(self, like):
+        row = torch.zeros_like(like[:1])
+        row[0, SKIP] = self.skip_bias
+        return row
+
+    def _thresholded(self, soft: torch.Tensor) -> list[tuple[int, ...]]:
+        """Dominant-op skipping: drop ops below skip_threshold; if the top weight reaches
+        dominant_threshold, run only it plus ops above keep_threshold. `none` never runs (its output is 0)."""
+        rows = soft.tolist()
+        active = []
+        for row in rows:
+            top = max(range(len(row)), key=row.__getitem__)
+            if row[top] >= self.dominant_threshold:
+                ks = [k for k, v in enumerate(row) if k == top or v > self.keep_threshold]
+            else:
+                ks = [k for k, v in enumerate(row) if v > self.skip_threshold]
+            active.append(tuple(k for k in ks if k != NONE))
+        return active
+
+    def derived_weights(self) -> dict[str, CellWeights]:
+        geno = self.genotype()
+        out = {}
+        for t in CELL_TYPES:
+            choice: list[int | None] = [None] * self.edges
+            for node in range(self.nodes):
+                for op, src in getattr(geno, t)[2 * node: 2 * node + 2]:
+                    choice[edge_index(node, src)] = PRIMITIVES.index(op)
+            out[t] = self._one_hot(choice, t)
+        return out
+
+    # ------------------------------------------------------------------------------------------ upkeep
+    @torch.no_grad()
+    def repair_(self) -> int:
+        """Reset non-finite logit rows to a fresh init (after an architecture step); returns rows repaired."""
+        repaired = 0
+        for t in CELL_TYPES:
+            p = self.logits[t]
+            bad = ~torch.isfinite(p).all(dim=1)
+            n = int(bad.sum())
+            if n:
+                p[bad] = self._init_logits(rows=n).to(p)
+                repaired += n
+        self.state.repaired_rows += repaired
+        return repaired
+
+    def probabilities(self, cell_type: str) -> torch.Tensor:
+        """softmax(logits) per edge (no noise, no temperature): the expected architecture."""
+        return torch.softmax(self.logits[cell_type].detach().float(), dim=1)
+
+    def statistics(self) -> dict:
+        """Per-edge entropy and max weight, mean entropy, op-selection histogram (sampled ops)."""
+        out = {"tau": self.tau, "nan_events": self.state.nan_events, "repaired_rows": self.state.repaired_rows}
+        entropies = []
+        for t in CELL_TYPES:
+            p = self.probabilities(t)
+            ent = -(p * p.clamp_min(1e-12).log()).sum(1)
+            entropies.append(ent)
+            out[f"{t}_entropy"] = [round(v, 4) for v in ent.tolist()]
+            out[f"{t}_max_weight"] = [round(v, 4) for v in p.max(1).values.tolist()]
+            out[f"{t}_histogram"] = dict(zip(PRIMITIVES, self.state.histogram[t]))
+        out["mean_entropy"] = float(torch.cat(entropies).mean())
+        return out
+
+    def genotype(self) -> "Genotype":
+        return Genotype.from_probabilities({t: self.probabilities(t) for t in CELL_TYPES}, self.nodes)
+
+
+# --------------------------------------------------------------------------------------- temperature
+def temperature(step: int, total: int, tau_start: float, tau_end: float, kind: str = "exp") -> float:
+    """Annealing from tau_start to tau_end over `total` units (architecture steps for "exp", epochs for
+    "linear"); clamped at both ends."""
+    if total <= 1:
+        return tau_end if step >= 1 else tau_start
+    frac = min(max(step / (total - 1), 0.0), 1.0)
+    if kind == "exp":
+        return tau_start * (tau_end / tau_start) ** frac
+    if kind == "linear":
+        return tau_start + (tau_end - tau_start) * frac
+    raise ConfigError(f"tau_schedule must be 'exp' or 'linear', got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------ genotype
+@dataclass
+class Genotype:
+    """DARTS genotype: per node, two (op, input) pairs; inputs 0, 1 are the cell inputs, 2.. the nodes."""
+    normal: list[tuple[str, int]]
+    normal_concat: list[int]
+    reduce: list[tuple[str, int]]
+    reduce_concat: list[int]
+
+    @classmethod
+    def from_probabilities(cls, probs: dict[str, torch.Tensor], nodes: int = 4) -> "Genotype":
+        """The DARTS rule: for each node keep the two incoming edges whose best non-`none` weight is largest,
+        and on each the best non-`none` op."""
+        parsed = {}
+        for t in CELL_TYPES:
+            p = probs[t].clone()
+            p[:, NONE] = -1.0
+            pairs = []
+            for node in range(nodes):
+                rows = [(float(p[edge_index(node, s)].max()), s) for s in range(2 + node)]
+                best = sorted(rows, key=lambda r: (-r[0], r[1]))[:2]
+                for _, s in sorted(best, key=lambda r: r[1]):
+                    pairs.append((PRIMITIVES[int(p[edge_index(node, s)].argmax())], s))
+            parsed[t] = pairs
+        concat = list(range(2, 2 + nodes))
+        return cls(parsed["normal"], concat, parsed["reduce"], list(concat))
+
+    def to_json(self) -> dict:
+        return {"normal": [list(x) for x in self.normal], "normal_concat": self.normal_concat,
+                "reduce": [list(x) for x in self.reduce], "reduce_concat": self.reduce_concat}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "genotype") -> "Genotype":
+        try:
+            fields = {}
+            for t in CELL_TYPES:
+                pairs = [(str(op), int(i)) for op, i in data[t]]
+                for k, (op, i) in enumerate(pairs):
+                    if op not in PRIMITIVES or op == "none":
+                        raise ValueError(f"unknown op {op!r} in {t}")
+                    if not 0 <= i < 2 + k // 2:
+                        raise ValueError(f"{t} pair {k} reads state {i}, which does not exist yet")
+                if len(pairs) % 2:
+                    raise ValueError(f"{t} has {len(pairs)} pairs; need two per node")
+                fields[t] = pairs
+                fields[f"{t}_concat"] = [int(i) for i in data[f"{t}_concat"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: not a DARTS genotype ({e}); expected "
+                              f'{{"normal": [[op, input], ...], "normal_concat": [2, 3, 4, 5], "reduce": ..., '
+                              f'"reduce_concat": ...}}') from None
+        return cls(**fields)
+
+    @classmethod
+    def load(cls, path: str) -> "Genotype":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read genotype ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if isinstance(data, dict) and "genotype" in data and "normal" not in data:
+            data = data["genotype"]  # final.json / checkpoint-style wrappers
+        return cls.from_json(data, path)
+
+    @property
+    def nodes(self) -> int:
+        return len(self.normal) // 2
+
+    def __str__(self) -> str:
+        short = {"max_pool_3x3": "max3", "avg_pool_3x3": "avg3", "skip_connect": "skip", "sep_conv_3x3": "sep3",
+                 "sep_conv_5x5": "sep5", "dil_conv_3x3": "dil3", "dil_conv_5x5": "dil5"}
+
+        def cell(pairs):
+            return " | ".join(" ".join(f"{short.get(op, op)}({i})" for op, i in pairs[2 * n:2 * n + 2])
+                              for n in range(len(pairs) // 2))
+        return f"normal: {cell(self.normal)}  //  reduce: {cell(self.reduce)}"

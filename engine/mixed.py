@@ -1,0 +1,41 @@
+"""MixedOp: one supernet edge. Runs only the ops the architecture manager marked active and combines their
+outputs with `kernels.mixed_sum.mixed_sum`, the single place the weighted sum happens.
+
+    hard sampling      exactly the sampled op runs; in an architecture step its output is multiplied by the
+                       straight-through weight (value 1, gradient of the soft sample), so every logit of the
+                       edge still gets a gradient
+    soft + skipping    ops below skip_threshold never run; a dominant op runs alone (plus ops above
+                       keep_threshold); thresholds 0 give the dense DARTS sum
+    `none`             never runs: its output and its weight's gradient are exactly zero
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels.mixed_sum import mixed_sum
+
+from .ops import PRIMITIVES, make_op
+
+
+class MixedOp(nn.Module):
+    def __init__(self, c: int, stride: int, affine: bool = False):
+        super().__init__()
+        self.stride = stride
+        self.ops = nn.ModuleList(make_op(name, c, stride, affine) for name in PRIMITIVES)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, active: tuple[int, ...], unit: bool = False):
+        """x: (N, C, H, W); w: (K,) this edge's weights; active: op indices to run. Returns the edge's
+        output, or None when nothing runs (the node sum then skips the edge)."""
+        if not active:
+            return None
+        outs = [self.ops[k](x) for k in active]
+        if unit:  # constant one-hot weight (warmup, derived, weight step of hard sampling): no multiply
+            return outs[0]
+        k0 = active[0]
+        ws = w[k0:k0 + 1] if len(active) == 1 else w[list(active)]
+        return mixed_sum(outs, ws)
+
+    def dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The DARTS formulation, every op on the edge: sum_k w_k * op_k(x). The eager baseline."""
+        return sum(w[k] * op(x) for k, op in enumerate(self.ops))

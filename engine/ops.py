@@ -1,0 +1,111 @@
+"""The eight DARTS primitives, in the DARTS order so genotypes compare with published ones.
+
+Every op maps (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s)) for stride s in {1, 2}, odd sizes included.
+Differences from the DARTS reference code, each on purpose:
+- `FactorizedReduce` pads odd inputs before its shifted branch (DARTS crashes on odd sizes);
+- `none` allocates zeros of the output shape instead of computing `x[:, :, ::s, ::s] * 0`; the mixed op
+  never runs it at all (its output, and so its weight's gradient, is exactly zero).
+Search-time BatchNorms are non-affine as in DARTS (`affine=False`); the derived network uses affine ones.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+              "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+PARAMETER_FREE = ("none", "max_pool_3x3", "avg_pool_3x3")  # skip_connect has weights at stride 2
+
+
+class Zero(nn.Module):
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        s = self.stride
+        return x.new_zeros(n, c, (h + s - 1) // s, (w + s - 1) // s)
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class ReLUConvBN(nn.Sequential):
+    """ReLU -> conv -> BN; the cells' 1x1 preprocessing and the building block of the stem."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(nn.ReLU(inplace=False),
+                         nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=False),
+                         nn.BatchNorm2d(c_out, affine=affine))
+
+
+class DilConv(nn.Sequential):
+    """ReLU -> depthwise dilated conv -> pointwise conv -> BN."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int,
+                 affine: bool = True):
+        super().__init__(nn.ReLU(inplace=False),
+                         nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+                         nn.Conv2d(c_in, c_out, 1, bias=False),
+                         nn.BatchNorm2d(c_out, affine=affine))
+
+
+class SepConv(nn.Sequential):
+    """Two stacked DilConv blocks with dilation 1; only the first strides (DARTS)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(DilConv(c_in, c_in, kernel, stride, padding, 1, affine),
+                         DilConv(c_in, c_out, kernel, 1, padding, 1, affine))
+
+
+class FactorizedReduce(nn.Module):
+    """Stride-2 skip path: two 1x1 stride-2 convs, the second shifted by one pixel, concatenated.
+    Output (N, c_out, ceil(H/2), ceil(W/2)); odd inputs are padded on the right/bottom for the shifted branch."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool = True):
+        super().__init__()
+        if c_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+
+    def forward(self, x):
+        x = self.relu(x)
+        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:] if x.shape[-1] % 2 or x.shape[-2] % 2 else x[:, :, 1:, 1:]
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+class PoolBN(nn.Sequential):
+    """Pooling followed by a BatchNorm, as DARTS does inside the mixed op (non-affine during search)."""
+
+    def __init__(self, kind: str, c: int, stride: int, affine: bool = False):
+        pool = nn.MaxPool2d(3, stride=stride, padding=1) if kind == "max" else \
+            nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+        super().__init__(pool, nn.BatchNorm2d(c, affine=affine))
+
+
+def make_op(name: str, c: int, stride: int, affine: bool) -> nn.Module:
+    """One primitive with `c` input and output channels. `affine` controls the BatchNorms."""
+    if name == "none":
+        return Zero(stride)
+    if name == "max_pool_3x3":
+        return PoolBN("max", c, stride, affine)
+    if name == "avg_pool_3x3":
+        return PoolBN("avg", c, stride, affine)
+    if name == "skip_connect":
+        return Identity() if stride == 1 else FactorizedReduce(c, c, affine)
+    if name == "sep_conv_3x3":
+        return SepConv(c, c, 3, stride, 1, affine)
+    if name == "sep_conv_5x5":
+        return SepConv(c, c, 5, stride, 2, affine)
+    if name == "dil_conv_3x3":
+        return DilConv(c, c, 3, stride, 2, 2, affine)
+    if name == "dil_conv_5x5":
+        return DilConv(c, c, 5, stride, 4, 2, affine)
+    raise ValueError(f"unknown primitive {name!r}; choose one of {', '.join(PRIMITIVES)}")

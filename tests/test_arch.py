@@ -1,0 +1,193 @@
+"""Architecture manager: init, phase policy, Gumbel sampling, NaN fallback, temperature, genotype."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine.arch import (CELL_TYPES, NONE, SKIP, Architecture, Genotype, edge_index, num_edges, temperature)
+from engine.errors import ConfigError
+from engine.ops import PRIMITIVES
+
+
+def test_edges_of_a_darts_cell():
+    assert num_edges(4) == 14
+    assert [edge_index(n, 0) for n in range(4)] == [0, 2, 5, 9]
+    assert edge_index(3, 4) == 13
+
+
+def test_init_keeps_none_down_and_skip_up():
+    for seed in range(20):
+        arch = Architecture(seed=seed)
+        for t in CELL_TYPES:
+            p = arch.probabilities(t)
+            assert p[:, NONE].max() < 0.03, f"seed {seed}: none has probability {p[:, NONE].max():.3f}"
+    # expected probability over the init distribution: skip_connect is the most likely op on every edge
+    expected = torch.stack([Architecture(seed=s).probabilities("normal") for s in range(300)]).mean(0)
+    assert (expected.argmax(1) == SKIP).all()
+    assert expected[:, NONE].max() < 0.03
+
+
+def test_init_values_are_configurable():
+    arch = Architecture(init_std=0.0, none_init=-5.0, skip_init=3.0)
+    row = arch.logits["normal"][0].tolist()
+    assert row[NONE] == -5.0 and row[SKIP] == 3.0 and row[1] == 0.0
+
+
+def test_warmup_is_exactly_one_hot_skip_without_gradient():
+    arch = Architecture()
+    sample = arch.sample("warmup")
+    for t in CELL_TYPES:
+        w = sample[t].weights
+        expected = torch.zeros_like(w)
+        expected[:, SKIP] = 1.0
+        assert torch.equal(w, expected) and not w.requires_grad
+        assert sample[t].active == [(SKIP,)] * 14 and sample[t].unit
+
+
+def test_hard_sampling_is_one_hot_with_a_straight_through_gradient():
+    arch = Architecture(seed=1)
+    arch.tau = 0.7
+    sample = arch.sample("search", grad=True, generator=torch.Generator().manual_seed(0))
+    w = sample["normal"].weights
+    assert torch.allclose(w.detach().sum(1), torch.ones(14))
+    assert set(w.detach().flatten().round(decimals=5).tolist()) <= {0.0, 1.0}
+    chosen = w.detach().argmax(1).tolist()
+    assert sample["normal"].active == [() if k == NONE else (k,) for k in chosen]
+    # gradient through the chosen weight reaches every logit of the edge (softmax Jacobian)
+    w[torch.arange(14), w.detach().argmax(1)].sum().backward()
+    g = arch.logits["normal"].grad
+    assert torch.isfinite(g).all() and (g != 0).all()
+
+
+def test_weight_steps_get_constant_weights():
+    arch = Architecture()
+    sample = arch.sample("search", grad=False)
+    assert not sample["normal"].weights.requires_grad and sample["normal"].unit
+
+
+def test_gumbel_samples_follow_the_logits():
+    arch = Architecture(init_std=0.0)
+    with torch.no_grad():
+        arch.logits["normal"].zero_()
+        arch.logits["normal"][:, 4] = math.log(6.0)  # sep_conv_3x3 six times as likely as each other op
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(len(PRIMITIVES))
+    for _ in range(300):
+        for k in arch.sample("search", generator=gen)["normal"].weights.argmax(1).tolist():
+            counts[k] += 1
+    freq = counts / counts.sum()
+    assert abs(freq[4] - 6 / 13) < 0.03 and abs(freq[0] - 1 / 13) < 0.02, freq
+
+
+def test_soft_mode_thresholds():
+    arch = Architecture(hard=False, skip_threshold=0.1, dominant_threshold=0.6, keep_threshold=0.2)
+    soft = torch.tensor([[0.02, 0.05, 0.05, 0.5, 0.2, 0.08, 0.05, 0.05],    # below dominant: > 0.1 run
+                         [0.01, 0.01, 0.01, 0.7, 0.25, 0.01, 0.005, 0.005],  # dominant: top + above keep (0.25)
+                         [0.02, 0.03, 0.05, 0.05, 0.05, 0.8, 0.0, 0.0],       # dominant alone
+                         [0.7, 0.05, 0.05, 0.05, 0.05, 0.05, 0.03, 0.02],    # dominant none: nothing runs
+                         [0.4, 0.08, 0.08, 0.15, 0.08, 0.11, 0.06, 0.04]])   # none never runs, even when large
+    assert arch._thresholded(soft) == [(3, 4), (3, 4), (5,), (), (3, 5)]
+
+
+def test_nan_logits_fall_back_to_skip_and_are_counted():
+    arch = Architecture()
+    with torch.no_grad():
+        arch.logits["normal"][3, 2] = float("nan")
+        arch.logits["reduce"][5, 0] = float("inf")
+    sample = arch.sample("search", grad=True, generator=torch.Generator().manual_seed(0))
+    assert sample["normal"].active[3] == (SKIP,) and sample["reduce"].active[5] == (SKIP,)
+    assert arch.state.nan_events == 2
+    assert torch.isfinite(sample["normal"].weights).all() and torch.isfinite(sample["reduce"].weights).all()
+    (sample["normal"].weights.sum() + sample["reduce"].weights.sum()).backward()
+    for t in CELL_TYPES:
+        assert torch.isfinite(arch.logits[t].grad).all()  # the where() trap would put NaN here
+    assert arch.repair_() == 2 and torch.isfinite(arch.logits["normal"]).all()
+
+
+def test_gumbel_noise_never_takes_log_of_zero(monkeypatch):
+    arch = Architecture()
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, **kw: self.zero_())
+    sample = arch.sample("search", grad=True)
+    assert torch.isfinite(sample["normal"].weights).all() and arch.state.nan_events == 0
+
+
+@pytest.mark.parametrize("kind", ["exp", "linear"])
+def test_temperature_schedule(kind):
+    taus = [temperature(s, 101, 2.0, 0.1, kind) for s in range(101)]
+    assert taus[0] == pytest.approx(2.0) and taus[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(taus, taus[1:]))
+    if kind == "exp":
+        assert taus[50] == pytest.approx(math.sqrt(2.0 * 0.1))
+    else:
+        assert taus[50] == pytest.approx(1.05)
+    assert temperature(500, 101, 2.0, 0.1, kind) == pytest.approx(0.1)  # clamped past the end
+    with pytest.raises(ConfigError):
+        temperature(0, 10, 2.0, 0.1, "cosine")
+
+
+def test_statistics():
+    arch = Architecture()
+    arch.sample("search", generator=torch.Generator().manual_seed(0))
+    stats = arch.statistics()
+    assert len(stats["normal_entropy"]) == 14 and 0 < stats["mean_entropy"] < math.log(8)
+    assert sum(stats["normal_histogram"].values()) == 14
+    assert all(0 < m <= 1 for m in stats["reduce_max_weight"])
+
+
+def _hand_set(arch: Architecture, picks: dict) -> None:
+    """picks: {cell_type: {edge: (op_index, strength)}}; every other logit is 0 (none at -10)."""
+    with torch.no_grad():
+        for t in CELL_TYPES:
+            arch.logits[t].zero_()
+            arch.logits[t][:, NONE] = -10.0
+            for e, (k, v) in picks.get(t, {}).items():
+                arch.logits[t][e, k] = v
+
+
+def test_genotype_follows_the_darts_rule():
+    arch = Architecture()
+    sep3, dil5, mp, skip = 4, 7, 1, 3
+    _hand_set(arch, {"normal": {edge_index(0, 0): (sep3, 3.0), edge_index(0, 1): (dil5, 2.0),
+                                edge_index(1, 2): (mp, 5.0), edge_index(1, 0): (skip, 4.0),
+                                edge_index(2, 3): (sep3, 3.0), edge_index(2, 1): (sep3, 2.5),
+                                edge_index(3, 4): (dil5, 6.0), edge_index(3, 0): (mp, 1.0)},
+                     "reduce": {edge_index(n, 1): (mp, 2.0) for n in range(4)}})
+    # none is strong on one edge, but never chosen
+    with torch.no_grad():
+        arch.logits["normal"][edge_index(3, 2), NONE] = 9.0
+    g = arch.genotype()
+    assert g.normal == [("sep_conv_3x3", 0), ("dil_conv_5x5", 1), ("skip_connect", 0), ("max_pool_3x3", 2),
+                        ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("max_pool_3x3", 0), ("dil_conv_5x5", 4)]
+    assert [src for _, src in g.reduce[::2]] == [0, 0, 0, 0] and g.reduce[1] == ("max_pool_3x3", 1)
+    assert g.normal_concat == [2, 3, 4, 5] == g.reduce_concat
+
+
+def test_genotype_json_round_trip(tmp_path):
+    g = Architecture(seed=3).genotype()
+    path = tmp_path / "genotype.json"
+    path.write_text(json.dumps(g.to_json()))
+    again = Genotype.load(str(path))
+    assert again == g
+    assert set(g.to_json()) == {"normal", "normal_concat", "reduce", "reduce_concat"}
+    line = str(g)
+    assert "\n" not in line and line.startswith("normal: ") and "//  reduce: " in line
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"normal": [["conv_9x9", 0]] * 8}, "unknown op"),
+    ({"normal": [["sep_conv_3x3", 5]] * 8}, "reads state 5"),
+    ({"normal": [["sep_conv_3x3", 0]] * 7}, "two per node"),
+    ({"reduce_concat": None}, "not a DARTS genotype"),
+])
+def test_bad_genotypes_are_rejected_with_the_reason(tmp_path, bad, needle):
+    data = {**Architecture().genotype().to_json(), **bad}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=needle):
+        Genotype.load(str(path))
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        Genotype.load(str(path))

@@ -1,0 +1,54 @@
+"""The eight primitives: shapes at both strides for 28x28, 32x32 and odd sizes; the special cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.ops import PRIMITIVES, FactorizedReduce, Identity, Zero, make_op
+
+
+def test_primitives_are_the_darts_list_in_order():
+    assert PRIMITIVES == ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+                          "dil_conv_3x3", "dil_conv_5x5")
+
+
+@pytest.mark.parametrize("name", PRIMITIVES)
+@pytest.mark.parametrize("size", [28, 32, 13, 7])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_output_shape(name, size, stride):
+    c = 6
+    op = make_op(name, c, stride, affine=False)
+    x = torch.randn(3, c, size, size)
+    y = op(x)
+    out = (size + stride - 1) // stride
+    assert y.shape == (3, c, out, out), f"{name} stride {stride} on {size}x{size}: {tuple(y.shape)}"
+    assert torch.isfinite(y).all()
+
+
+def test_none_is_zeros_and_skip_is_the_input_itself():
+    x = torch.randn(2, 4, 9, 9)
+    assert (Zero(1)(x) == 0).all() and Zero(2)(x).shape == (2, 4, 5, 5)
+    assert make_op("skip_connect", 4, 1, affine=False)(x) is x
+    assert isinstance(make_op("skip_connect", 4, 2, affine=False), FactorizedReduce)
+    assert isinstance(make_op("skip_connect", 4, 1, affine=False), Identity)
+
+
+def test_parametric_ops_backpropagate_at_odd_sizes():
+    for name in PRIMITIVES[3:]:
+        op = make_op(name, 4, 2, affine=True)
+        x = torch.randn(2, 4, 11, 11, requires_grad=True)
+        op(x).square().mean().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all(), name
+        for p in op.parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_pooling_is_followed_by_a_non_affine_batchnorm_during_search():
+    op = make_op("max_pool_3x3", 4, 1, affine=False)
+    bn = op[1]
+    assert isinstance(bn, torch.nn.BatchNorm2d) and not bn.affine
+
+
+def test_unknown_primitive():
+    with pytest.raises(ValueError, match="unknown primitive"):
+        make_op("conv_7x7", 4, 1, affine=False)
