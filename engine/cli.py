@@ -1,0 +1,186 @@
+"""`aso-se`: the command line. argparse lives here only; everything else takes a `Config`.
+
+    aso-se search --preset fashion-mnist --out runs/fm        four phases, run directory
+    aso-se search --resume runs/fm                            continue an interrupted run
+    aso-se train --genotype runs/fm/genotype.json --out runs/fm-train
+    aso-se eval --checkpoint runs/fm/checkpoints/last.pt
+    aso-se data --dataset fashion-mnist
+    aso-se profile --preset smoke --steps 5 --out runs/prof
+
+Bad input ends with one line `aso-se: error: ...` and exit code 2; nothing already written is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import AsoseError, ConfigError
+
+EPILOG_FIELDS = "config fields (--set key=value): see engine/config.py or `aso-se search --list-fields`"
+
+
+def _add_common(p: argparse.ArgumentParser, preset_default: str | None = "fashion-mnist") -> None:
+    p.add_argument("--preset", default=preset_default, help="named config: fashion-mnist (default), cifar10, smoke")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, repeatable (e.g. --set search_epochs=3)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--data-dir", default=None, help="data set directory (default: the data set's usual place)")
+    p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight Systems")
+
+
+def _config(args):
+    from .config import preset
+    cfg = preset(args.preset)
+    extra = list(args.overrides)
+    if args.device is not None:
+        extra.append(f"device={args.device}")
+    if args.seed is not None:
+        extra.append(f"seed={args.seed}")
+    if args.data_dir is not None:
+        extra.append(f"data_dir={args.data_dir}")
+    if args.nvtx:
+        extra.append("nvtx=true")
+    return cfg.override(extra)
+
+
+def _check_fresh_out(out: str) -> None:
+    if os.path.exists(os.path.join(out, "metrics.jsonl")) or os.path.exists(os.path.join(out, "checkpoints")):
+        raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+
+
+def cmd_search(args) -> int:
+    from .trainer import Trainer
+    if args.list_fields:
+        from .config import Config
+        for k, v in Config().to_json().items():
+            print(f"{k} = {v!r}")
+        return 0
+    if args.resume:
+        if args.overrides or args.out:
+            raise ConfigError("--resume takes the run's own config; drop --set/--out (start a new run to change them)")
+        from .config import load_config_file
+        cfg = load_config_file(os.path.join(args.resume, "config.json"))
+        if args.nvtx:
+            cfg.nvtx = True  # profiling a resumed run changes no result
+        trainer = Trainer(cfg, args.resume, resume=True, stop_after=args.stop_after)
+    else:
+        if not args.out:
+            raise ConfigError("search needs --out DIR for the run directory (or --resume DIR)")
+        cfg = _config(args)
+        _check_fresh_out(args.out)
+        trainer = Trainer(cfg, args.out, stop_after=args.stop_after)
+    trainer.run()
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .arch import Genotype
+    from .trainer import Trainer
+    genotype = Genotype.load(args.genotype)
+    cfg = _config(args).override(["warmup_epochs=0", "search_epochs=0", "growth_epochs=0", "optimize_init=fresh"])
+    if args.epochs is not None:
+        cfg = cfg.override([f"optimize_epochs={args.epochs}"])
+    _check_fresh_out(args.out)
+    Trainer(cfg, args.out, genotype=genotype, stop_after=args.stop_after).run()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, split=args.split, device=args.device or "auto",
+                                 data_dir=args.data_dir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import describe, load_dataset
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    dataset = load_dataset(args.dataset, args.data_dir)
+    print(describe(dataset, args.val_fraction, args.seed))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .profile import profile_phases
+    cfg = _config(args)
+    profile_phases(cfg, args.out, steps=args.steps, top=args.top)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aso-se", description="ASO-SE: differentiable architecture search in four "
+                                     "phases (warmup, search, growth, optimize), compiled and profiled.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("search", help="run the four phases; writes a run directory",
+                       description="Run warmup, search, growth and optimize; write config.json, metrics.jsonl, "
+                                   "genotype.json, checkpoints/ and final.json into --out.", epilog=EPILOG_FIELDS)
+    _add_common(p)
+    p.add_argument("--out", help="run directory (must not hold a run already)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from checkpoints/last.pt")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N epochs in this process (continue later with --resume)")
+    p.add_argument("--list-fields", action="store_true", help="print every config field with its default and exit")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("train", help="train a derived architecture from scratch",
+                       description="Train the network of a genotype (a genotype.json or final.json) from scratch: "
+                                   "the optimize phase alone.", epilog=EPILOG_FIELDS)
+    _add_common(p)
+    p.add_argument("--genotype", required=True, help="genotype JSON file")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--epochs", type=float, default=None, help="optimize epochs (default: the preset's)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on the test (or val) split",
+                       description="Evaluate the network held by a checkpoint: the derived network if the "
+                                   "optimize phase started, else the current genotype inside the supernet.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoints/*.pt file")
+    p.add_argument("--split", default="test", choices=("test", "val"))
+    p.add_argument("--device", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="describe a data set: splits, shape, classes, mean/std",
+                       description="Read a data set and print its split sizes, image shape, classes and "
+                                   "per-channel mean/std.")
+    p.add_argument("--dataset", required=True, help="fashion-mnist, cifar10 or synthetic")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--val-fraction", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="check a batch size against the data set")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("profile", help="torch.profiler trace per phase and the top ops by self time",
+                       description="Run a few steps of each phase under torch.profiler; write a Chrome trace per "
+                                   "phase into --out and print the top ops by self time.", epilog=EPILOG_FIELDS)
+    _add_common(p, preset_default="smoke")
+    p.add_argument("--steps", type=int, default=5, help="profiled steps per phase (after 2 warm-up steps)")
+    p.add_argument("--top", type=int, default=12, help="ops to list per phase")
+    p.add_argument("--out", required=True, help="directory for the traces")
+    p.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AsoseError as e:
+        print(f"aso-se: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None) or getattr(args, "resume", None)
+        hint = f"; continue with: aso-se search --resume {out}" if out and args.command == "search" else ""
+        print(f"aso-se: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

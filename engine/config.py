@@ -1,0 +1,229 @@
+"""One typed config with named presets. argparse lives only in the CLI; `--set key=value` overrides fields.
+
+Budgets are in epochs (one pass over the train split, or `steps_per_epoch` steps when that is set).
+Every run directory gets the full config as `config.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+
+@dataclass
+class Config:
+    # ---- data
+    dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | synthetic
+    data_dir: str | None = None           # default: /usr/share/datasets/fashion-mnist for fashion-mnist
+    val_fraction: float = 0.5             # share of the official training set used for architecture steps
+    loader: str = "dali"                  # dali (the feeding path) | torch (baseline) | tensor
+    flip: bool | None = None              # horizontal flip; None: the data set's default (on for CIFAR-10)
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    drop_last: bool = True                # train batches; eval always keeps the last partial batch
+    train_subset: int = 0                 # >0: use only this many samples of the official training set
+    eval_samples: int = 0                 # >0: per-epoch val accuracy on a fixed subset of this size
+    synthetic_size: int = 16              # synthetic data set only: image size, channels, samples
+    synthetic_channels: int = 1
+    synthetic_train: int = 2048
+    synthetic_test: int = 512
+    # ---- network
+    channels: int = 16                    # C of the first cells; doubled at each reduction
+    layers: int = 5                       # cells (reduction cells at 1/3 and 2/3 of the depth)
+    nodes: int = 4
+    stem_multiplier: int = 3
+    stem_stride: int = 1
+    channels_last: bool | None = None     # None: on for CPU (measured 1.3-1.7x on this 2-core CPU)
+    # ---- architecture
+    init_std: float = 0.5
+    none_init: float = -2.0
+    skip_init: float = 1.0
+    hard: bool = True                     # hard (straight-through) Gumbel sampling; False: soft + skipping
+    skip_threshold: float = 0.0           # soft mode: ops below this weight are not executed
+    dominant_threshold: float = 1.0       # soft mode: a top weight at or above this runs alone ...
+    keep_threshold: float = 1.0           # ... plus ops above this
+    tau_max: float = 2.0
+    tau_min: float = 0.1
+    tau_schedule: str = "exp"             # exp: per architecture step | linear: per epoch
+    search_tau_start: float | None = None  # None: tau_max
+    growth_tau_start: float | None = None  # None: go on from where search stopped
+    logit_noise: float = 0.0              # std of noise added to the logits at each phase change
+    handover_bias: float = 3.0            # search starts sampling with this bias on skip_connect's logit ...
+    handover_epochs: float = 1.0          # ... decaying linearly to 0 over these epochs (no collapse at the switch)
+    arch_every: int = 1                   # one architecture step every `arch_every` weight steps
+    arch_lr: float = 3e-4
+    arch_weight_decay: float = 1e-3
+    # ---- weights
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    bn_recalibrate: int = 0               # batches of train data to re-estimate BN stats before val eval
+    # ---- phases (epochs)
+    warmup_epochs: float = 1
+    search_epochs: float = 2
+    growth_epochs: float = 0
+    optimize_epochs: float = 2
+    steps_per_epoch: int = 0              # >0: an epoch is this many weight steps (search phases)
+    # ---- optimize phase
+    optimize_init: str = "supernet"       # supernet: start from the supernet's weights | fresh
+    optimize_data: str = "train+val"      # train+val: the whole official training set | train
+    optimize_batch_size: int = 128
+    optimize_lr: float = 0.05
+    optimize_weight_decay: float = 3e-4
+    label_smoothing: float = 0.0
+    drop_path: float = 0.0
+    # ---- growth
+    grow_every: int = 1                   # epochs between scheduled growth events (0: none scheduled)
+    grow_min_delta: float = 0.002         # plateau: val accuracy gains less than this ...
+    grow_patience: int = 2                # ... over this many epochs
+    grow_kinds: str = "depth,width"       # events alternate through these
+    grow_width_factor: float = 1.5
+    max_cells: int = 12
+    max_channels: int = 64
+    max_params: int = 5_000_000
+    # ---- engine
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    compile: str = "auto"                 # auto: what measured faster per device and phase | on | off
+    recompile_limit: int = 8
+    nvtx: bool = False
+    nan_limit: int = 20                   # non-finite losses tolerated (skipped) before the run stops
+    seed: int = 0
+    log_interval: float = 0.5             # seconds between progress-bar refreshes
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "config") -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown config field(s) {', '.join(unknown)}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def override(self, assignments: list[str]) -> "Config":
+        """Apply `key=value` strings (from `--set`), parsed by the field's type."""
+        types = {f.name: f.type for f in fields(self)}
+        out = dataclasses.replace(self)
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"--set {item!r}: expected key=value")
+            key, raw = item.split("=", 1)
+            key = key.strip().replace("-", "_")
+            if key not in types:
+                raise ConfigError(f"--set {key}: unknown config field; see `aso-se search --help` for the list")
+            setattr(out, key, _parse(key, raw.strip(), types[key]))
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        def need(cond: bool, field_: str, why: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field {field_}={getattr(self, field_)!r}: {why}")
+
+        from .arch import PRIMITIVES  # noqa: F401  (ops are validated in genotypes)
+        from .data import DATASETS, LOADERS
+        need(self.dataset in DATASETS, "dataset", f"choose one of {', '.join(DATASETS)}")
+        need(self.loader in LOADERS, "loader", f"choose one of {', '.join(LOADERS)}")
+        need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        for name in ("batch_size", "eval_batch_size", "optimize_batch_size", "channels", "layers", "nodes",
+                     "stem_multiplier", "arch_every", "synthetic_size", "synthetic_channels",
+                     "synthetic_train", "synthetic_test", "max_cells", "max_channels", "max_params"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "must be a positive integer")
+        need(self.channels % 2 == 0, "channels", "must be even (factorized reductions split channels in two)")
+        need(self.stem_stride in (1, 2), "stem_stride", "must be 1 or 2")
+        for name in ("warmup_epochs", "search_epochs", "growth_epochs", "optimize_epochs"):
+            need(getattr(self, name) >= 0, name, "a phase budget cannot be negative")
+        for name in ("train_subset", "eval_samples", "steps_per_epoch", "grow_every", "grow_patience",
+                     "bn_recalibrate", "nan_limit", "recompile_limit"):
+            need(getattr(self, name) >= 0, name, "cannot be negative")
+        for name in ("skip_threshold", "dominant_threshold", "keep_threshold"):
+            need(0.0 <= getattr(self, name) <= 1.0, name, "thresholds are weights: must be in [0, 1]")
+        need(self.tau_max > 0 and self.tau_min > 0, "tau_min", "temperatures must be positive")
+        need(self.tau_min <= self.tau_max, "tau_min", f"must not exceed tau_max={self.tau_max}")
+        need(self.tau_schedule in ("exp", "linear"), "tau_schedule", "choose exp or linear")
+        for name in ("search_tau_start", "growth_tau_start"):
+            need(getattr(self, name) is None or getattr(self, name) > 0, name, "must be positive")
+        for name in ("lr", "optimize_lr", "arch_lr"):
+            need(getattr(self, name) > 0, name, "learning rates must be positive")
+        need(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, lr={self.lr}]")
+        need(self.handover_epochs >= 0, "handover_epochs", "cannot be negative")
+        for name in ("init_std", "weight_decay", "optimize_weight_decay", "arch_weight_decay", "grad_clip",
+                     "logit_noise", "grow_min_delta"):
+            need(getattr(self, name) >= 0, name, "cannot be negative")
+        need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        need(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(self.optimize_init in ("supernet", "fresh"), "optimize_init", "choose supernet or fresh")
+        need(self.optimize_data in ("train", "train+val"), "optimize_data", "choose train or train+val")
+        need(self.compile in ("auto", "on", "off"), "compile", "choose auto, on or off")
+        need(self.grow_width_factor > 1.0, "grow_width_factor", "must be > 1")
+        kinds = [k for k in self.grow_kinds.split(",") if k]
+        need(bool(kinds) and all(k in ("depth", "width") for k in kinds), "grow_kinds",
+             "a comma-separated list of depth, width")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+             "choose auto, cpu, cuda or cuda:N")
+        if self.search_epochs + self.growth_epochs > 0:
+            need(self.val_fraction > 0, "val_fraction", "search needs a val split for architecture steps")
+
+
+_BOOL = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _parse(key: str, raw: str, type_: str):
+    t = str(type_)
+    if raw.lower() in ("none", "null") and "None" in t:
+        return None
+    try:
+        if t.startswith("bool"):
+            if raw.lower() not in _BOOL:
+                raise ValueError
+            return _BOOL[raw.lower()]
+        if t.startswith("int"):
+            return int(raw.replace("_", ""))
+        if t.startswith("float"):
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"--set {key}={raw}: expected {t.split(' ')[0]}") from None
+
+
+PRESETS: dict[str, dict] = {
+    # The main job: search + optimize on Fashion-MNIST within 15 minutes on a 2-core CPU.
+    "fashion-mnist": dict(),
+    # DARTS-sized search for a GPU: 16 channels, 8 cells, batch 64, phases 15 / 25 / 30 / 15 epochs.
+    "cifar10": dict(dataset="cifar10", channels=16, layers=8, batch_size=64, warmup_epochs=15, search_epochs=25,
+                    growth_epochs=30, optimize_epochs=15, optimize_batch_size=96, optimize_lr=0.025,
+                    drop_path=0.2, max_channels=36, max_cells=14),
+    # Synthetic data, tiny network: the whole pipeline in well under a minute.
+    "smoke": dict(dataset="synthetic", synthetic_size=12, synthetic_train=512, synthetic_test=256, channels=4,
+                  layers=3, batch_size=32, eval_batch_size=128, optimize_batch_size=32, warmup_epochs=1,
+                  search_epochs=1, growth_epochs=1, optimize_epochs=1, lr=0.05, optimize_lr=0.05,
+                  arch_lr=3e-3, loader="tensor", max_channels=8, max_cells=5),
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config(**PRESETS[name])
+    cfg.validate()
+    return cfg
+
+
+def load_config_file(path: str) -> Config:
+    try:
+        with open(path) as f:
+            return Config.from_json(json.load(f), path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
