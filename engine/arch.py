@@ -6,7 +6,10 @@ Per phase (`sample`):
     warmup            one-hot skip_connect, constant: no gradient reaches the logits
     search / growth   Gumbel-softmax at temperature tau; hard (straight-through: value one-hot, gradient
                       of the soft sample) by default, soft on request
-    derive            the genotype's edges, one-hot, constant (evaluating the current best architecture)
+    argmax            every edge at its most likely op, constant: the architecture the search currently
+                      believes in (the val metric during search)
+    derive            the genotype's edges, one-hot, constant: the DARTS derivation (two edges per node,
+                      skip cap) of the final network
 A step asks for weights once; the op indices each edge must execute are computed here, on the host, in one
 transfer, so the mixed ops never synchronize per edge.
 """
@@ -56,12 +59,13 @@ class ArchState:
 class Architecture(nn.Module):
     def __init__(self, nodes: int = 4, *, init_std: float = 0.5, none_init: float = -2.0, skip_init: float = 1.0,
                  hard: bool = True, skip_threshold: float = 0.0, dominant_threshold: float = 1.0,
-                 keep_threshold: float = 1.0, seed: int = 0):
+                 keep_threshold: float = 1.0, max_skip: int | None = None, seed: int = 0):
         super().__init__()
         self.nodes = nodes
         self.edges = num_edges(nodes)
         self.init_std, self.none_init, self.skip_init = init_std, none_init, skip_init
         self.hard = hard
+        self.max_skip = max_skip  # cap on skip_connect in the derived normal cell (None: no cap)
         self.skip_threshold, self.dominant_threshold, self.keep_threshold = skip_threshold, dominant_threshold, keep_threshold
         g = torch.Generator().manual_seed(seed)
         self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(g)) for t in CELL_TYPES})
@@ -84,6 +88,8 @@ class Architecture(nn.Module):
             return {t: self._one_hot([SKIP] * self.edges, t) for t in CELL_TYPES}
         if phase == "derive":
             return self.derived_weights()
+        if phase == "argmax":
+            return {t: self._one_hot(self.logits[t].detach().argmax(1).tolist(), t) for t in CELL_TYPES}
         if phase not in ("search", "growth"):
             raise ValueError(f"no supernet weights for phase {phase!r}")
         return {t: self._gumbel(t, grad, generator) for t in CELL_TYPES}
@@ -194,7 +200,7 @@ class Architecture(nn.Module):
         return out
 
     def genotype(self) -> "Genotype":
-        return Genotype.from_probabilities({t: self.probabilities(t) for t in CELL_TYPES}, self.nodes)
+        return Genotype.from_probabilities({t: self.probabilities(t) for t in CELL_TYPES}, self.nodes, self.max_skip)
 
 
 # --------------------------------------------------------------------------------------- temperature
@@ -221,19 +227,30 @@ class Genotype:
     reduce_concat: list[int]
 
     @classmethod
-    def from_probabilities(cls, probs: dict[str, torch.Tensor], nodes: int = 4) -> "Genotype":
+    def from_probabilities(cls, probs: dict[str, torch.Tensor], nodes: int = 4,
+                           max_skip: int | None = None) -> "Genotype":
         """The DARTS rule: for each node keep the two incoming edges whose best non-`none` weight is largest,
-        and on each the best non-`none` op."""
+        and on each the best non-`none` op. `max_skip` caps skip_connect in the normal cell (P-DARTS): while
+        there are more, the chosen skip with the smallest weight is ruled out on its edge and the cell is
+        derived again, so that edge falls back to its best other op (or loses its place to another edge)."""
         parsed = {}
         for t in CELL_TYPES:
             p = probs[t].clone()
             p[:, NONE] = -1.0
-            pairs = []
-            for node in range(nodes):
-                rows = [(float(p[edge_index(node, s)].max()), s) for s in range(2 + node)]
-                best = sorted(rows, key=lambda r: (-r[0], r[1]))[:2]
-                for _, s in sorted(best, key=lambda r: r[1]):
-                    pairs.append((PRIMITIVES[int(p[edge_index(node, s)].argmax())], s))
+            while True:
+                pairs, edges = [], []
+                for node in range(nodes):
+                    rows = [(float(p[edge_index(node, s)].max()), s) for s in range(2 + node)]
+                    best = sorted(rows, key=lambda r: (-r[0], r[1]))[:2]
+                    for _, s in sorted(best, key=lambda r: r[1]):
+                        e = edge_index(node, s)
+                        pairs.append((PRIMITIVES[int(p[e].argmax())], s))
+                        edges.append(e)
+                skips = [e for (op, _), e in zip(pairs, edges) if op == "skip_connect"]
+                if t != "normal" or max_skip is None or len(skips) <= max_skip:
+                    break
+                weakest = min(skips, key=lambda e: (float(p[e, SKIP]), e))
+                p[weakest, SKIP] = -1.0
             parsed[t] = pairs
         concat = list(range(2, 2 + nodes))
         return cls(parsed["normal"], concat, parsed["reduce"], list(concat))

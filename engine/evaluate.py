@@ -24,6 +24,14 @@ def load_data(cfg: Config) -> Dataset:
     return dataset
 
 
+def build_architecture(cfg: Config, device: torch.device | str = "cpu") -> Architecture:
+    """The architecture manager a config describes (used by the trainer and by `aso-se eval`)."""
+    return Architecture(cfg.nodes, init_std=cfg.init_std, none_init=cfg.none_init, skip_init=cfg.skip_init,
+                        hard=cfg.hard, skip_threshold=cfg.skip_threshold, dominant_threshold=cfg.dominant_threshold,
+                        keep_threshold=cfg.keep_threshold, max_skip=None if cfg.max_skip < 0 else cfg.max_skip,
+                        seed=cfg.seed).to(device)
+
+
 def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", data_dir: str | None = None) -> dict:
     from .trainer import resolve_device
     state = load_checkpoint(path)
@@ -44,7 +52,7 @@ def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", da
         else:
             net = Network(spec).to(dev)
             net.load_state_dict(state["supernet"])
-            arch = Architecture(spec.nodes).to(dev)
+            arch = build_architecture(cfg, dev)
             arch.load_state_dict(state["arch"])
             steps = Steps(net, torch.optim.SGD(net.parameters(), lr=0.0), arch=arch)
             phase, which = "derive", "genotype inside the supernet"

@@ -15,21 +15,30 @@ from torch import nn
 
 from kernels.mixed_sum import mixed_sum
 
-from .ops import PRIMITIVES, make_op
+from .ops import PRIMITIVES, gate_output, make_op
 
 
 class MixedOp(nn.Module):
-    def __init__(self, c: int, stride: int, affine: bool = False):
+    def __init__(self, c: int, stride: int, affine: bool = False, gate: bool = True):
         super().__init__()
         self.stride = stride
-        self.ops = nn.ModuleList(make_op(name, c, stride, affine) for name in PRIMITIVES)
+        ops = [make_op(name, c, stride, affine) for name in PRIMITIVES]
+        if gate:  # ops warmup never trains start silent (see ops.gate_output)
+            ops = [op if name in ("none", "skip_connect") else gate_output(op) for name, op in zip(PRIMITIVES, ops)]
+        self.ops = nn.ModuleList(ops)
+        self._runners = None  # compiled per-op graphs when the engine compiles this phase (engine.compile)
+
+    def set_runners(self, runners) -> None:
+        """Callables that replace `ops[k](x)` (compiled graphs), or None for the modules themselves."""
+        self._runners = runners
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, active: tuple[int, ...], unit: bool = False):
         """x: (N, C, H, W); w: (K,) this edge's weights; active: op indices to run. Returns the edge's
         output, or None when nothing runs (the node sum then skips the edge)."""
         if not active:
             return None
-        outs = [self.ops[k](x) for k in active]
+        run = self._runners or self.ops
+        outs = [run[k](x) for k in active]
         if unit:  # constant one-hot weight (warmup, derived, weight step of hard sampling): no multiply
             return outs[0]
         k0 = active[0]
@@ -38,4 +47,5 @@ class MixedOp(nn.Module):
 
     def dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The DARTS formulation, every op on the edge: sum_k w_k * op_k(x). The eager baseline."""
-        return sum(w[k] * op(x) for k, op in enumerate(self.ops))
+        run = self._runners or self.ops
+        return sum(w[k] * run[k](x) for k in range(len(self.ops)))

@@ -18,7 +18,7 @@ from torch import nn
 
 from .arch import CELL_TYPES, CellWeights, Genotype, edge_index
 from .mixed import MixedOp
-from .ops import FactorizedReduce, Identity, ReLUConvBN, make_op
+from .ops import FactorizedReduce, Identity, ReLUConvBN, make_op, zeros_like_layout
 
 
 @dataclass
@@ -133,7 +133,7 @@ class SearchCell(Cell):
                 y = self.edges[e](states[src], weights.weights[e], weights.active[e], weights.unit)
                 if y is not None:
                     terms.append(y)
-            states.append(self._sum(terms) if terms else states[1].new_zeros(self._node_shape(states[1])))
+            states.append(self._sum(terms) if terms else zeros_like_layout(states[1], self._node_shape(states[1])))
         return torch.cat(states[2:], dim=1)
 
 
@@ -217,11 +217,13 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def derive(supernet: Network, genotype: Genotype, transfer: bool = True) -> Network:
+def derive(supernet: Network, genotype: Genotype, transfer: bool = True, stem_stride: int | None = None) -> Network:
     """Build the derived network of `genotype` on the supernet's (possibly grown) spec. With `transfer`,
     the stem, preprocessing, classifier and each chosen op start from the supernet's weights (non-affine
-    search BatchNorms become affine ones with weight 1, bias 0: the same function)."""
-    net = Network(supernet.spec, genotype).to(next(supernet.parameters()).device)
+    search BatchNorms become affine ones with weight 1, bias 0: the same function). `stem_stride` trains
+    the derived network at another resolution than the search ran at; every weight keeps its shape."""
+    spec = supernet.spec if stem_stride is None else dataclasses.replace(supernet.spec, stem_stride=stem_stride)
+    net = Network(spec, genotype).to(next(supernet.parameters()).device)
     if not transfer:
         return net
     source = supernet.state_dict()

@@ -18,6 +18,15 @@ PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
 PARAMETER_FREE = ("none", "max_pool_3x3", "avg_pool_3x3")  # skip_connect has weights at stride 2
 
 
+def zeros_like_layout(ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros of `shape` in `ref`'s memory format: a contiguous zero tensor added to channels_last features
+    would switch the sum's layout (extra copies, and a second compiled graph for every op downstream)."""
+    out = ref.new_zeros(shape)
+    if ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 class Zero(nn.Module):
     def __init__(self, stride: int):
         super().__init__()
@@ -26,7 +35,7 @@ class Zero(nn.Module):
     def forward(self, x):
         n, c, h, w = x.shape
         s = self.stride
-        return x.new_zeros(n, c, (h + s - 1) // s, (w + s - 1) // s)
+        return zeros_like_layout(x, (n, c, (h + s - 1) // s, (w + s - 1) // s))
 
 
 class Identity(nn.Module):
@@ -88,6 +97,32 @@ class PoolBN(nn.Sequential):
         pool = nn.MaxPool2d(3, stride=stride, padding=1) if kind == "max" else \
             nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
         super().__init__(pool, nn.BatchNorm2d(c, affine=affine))
+
+
+def final_batchnorm(op: nn.Module) -> nn.BatchNorm2d | None:
+    """The BatchNorm that produces the op's output (None for ops without one)."""
+    last = None
+    for m in op.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            last = m
+    return last
+
+
+def gate_output(op: nn.Module) -> nn.Module:
+    """Make the op's final BatchNorm affine with its scale at zero: the op outputs exactly zeros until it
+    learns (its scale gets gradient at once). The supernet does this for every op that warmup does not
+    train, so an untrained op sampled when search begins acts like a dropped edge instead of adding
+    normalized noise to the features warmup learned (the collapse at the switch)."""
+    old = final_batchnorm(op)
+    if old is None:
+        return op
+    new = nn.BatchNorm2d(old.num_features, eps=old.eps, momentum=old.momentum, affine=True)
+    nn.init.zeros_(new.weight)
+    for parent in op.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+    return op
 
 
 def make_op(name: str, c: int, stride: int, affine: bool) -> nn.Module:

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import FASHION_MNIST_DIR
+# Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors. The switch is read when
+# triton is imported, so it is set here, before any test module imports `kernels`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from engine.data import FASHION_MNIST_DIR  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

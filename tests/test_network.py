@@ -55,8 +55,33 @@ def test_warmup_runs_only_skip_and_no_gradient_reaches_the_logits():
     assert all(p.grad is None for p in arch.parameters())
 
 
+def _open_gates(net: Network) -> None:
+    """Ops that warmup does not train start silent (final BN scale 0, so zero architecture gradient too);
+    open them as training would."""
+    from engine.ops import PRIMITIVES, final_batchnorm
+    for cell in net.cells:
+        for edge in cell.edges:
+            for name, op in zip(PRIMITIVES, edge.ops):
+                bn = final_batchnorm(op)
+                if name not in ("none", "skip_connect") and bn is not None:
+                    torch.nn.init.ones_(bn.weight)
+
+
+def test_untrained_ops_start_silent():
+    net, x = _net()
+    edge = net.cells[0].edges[0]
+    y = torch.randn(2, 4, 6, 6)
+    for name, op in zip(PRIMITIVES, edge.ops):
+        out = op(y)
+        if name == "skip_connect":
+            assert out is y
+        else:
+            assert (out == 0).all(), f"{name} is not silent at init"
+
+
 def test_hard_mode_runs_exactly_the_sampled_op_and_every_logit_gets_a_gradient():
     net, x = _net()
+    _open_gates(net)
     arch = Architecture(seed=2)
     arch.tau = 1.0
     calls = _count_op_calls(net)
@@ -161,7 +186,8 @@ def test_derived_network_forward_backward_and_weight_transfer():
 def test_drop_path_only_in_training():
     net, x = _net()
     derived = derive(net, Genotype.from_json({"normal": [["sep_conv_3x3", 0]] * 8, "normal_concat": [2, 3, 4, 5],
-                                              "reduce": [["max_pool_3x3", 0]] * 8, "reduce_concat": [2, 3, 4, 5]}))
+                                              "reduce": [["max_pool_3x3", 0]] * 8, "reduce_concat": [2, 3, 4, 5]}),
+                     transfer=False)
     derived.set_drop_path(0.5)
     derived.eval()
     with torch.no_grad():

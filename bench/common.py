@@ -1,0 +1,57 @@
+"""Shared by the bench scripts: machine/version info, the printed table, the JSON file."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as `python bench/x.py`
+
+
+def machine_info() -> dict:
+    import torch
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+            "cpu": _cpu_model(), "machine": platform.machine()}
+    for mod in ("triton", "nvidia.dali"):
+        try:
+            info[mod.split(".")[-1]] = __import__(mod, fromlist=["__version__"]).__version__
+        except ImportError:
+            info[mod.split(".")[-1]] = None
+    info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.1f}"
+        return "-" if v is None else str(v)
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if title:
+        print(title)
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path: str | None, records: list[dict], **meta) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": machine_info(), **meta, "records": records}, f, indent=2)
+    print(f"wrote {path}")

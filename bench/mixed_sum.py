@@ -1,0 +1,153 @@
+"""mixed_sum benchmark: the fused Triton kernel against eager PyTorch, on DARTS feature-map shapes.
+
+Providers
+    triton      kernels.mixed_sum (CUDA only: on CPU the kernel runs only under the interpreter, which is a
+                numerics tool, not a performance path; its rows print as "not measured")
+    eager       the DARTS formulation, sum(w[k] * xs[k]) over all K inputs
+    compiled    torch.compile of mixed_sum_ref over all K (device-side skipping semantics)
+    reference   (CPU) mixed_sum_ref over the active inputs only: what the engine runs on CPU, where the
+                architecture manager already dropped the skipped ops on the host
+Modes: fwd, bwd (given the forward's saved tensors), fwd+bwd. K = 2, 4, 8 with 1 or all inputs active.
+
+Byte model (GB/s = useful bytes / time, the same for every provider), N elements of E bytes, A active:
+    fwd      A*N*E read + N*E written
+    bwd      N*E (grad) + K*N*E (inputs, for grad_w) read + K*N*E written (grad_xs)
+    fwd+bwd  the sum
+On CUDA each row also gives pct_of_copy: its GB/s over a device-to-device copy's measured in the same run,
+and times are medians from triton.testing.do_bench. Expected on an H100 (not measured here unless a GPU
+was available): forward at or above 85% of copy bandwidth for large shapes and at least 3x eager.
+
+    python bench/mixed_sum.py --json bench/results/mixed_sum.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common  # noqa: F401  (puts the repo on sys.path)
+import torch
+
+from kernels.mixed_sum import mixed_sum_backward, mixed_sum_forward, mixed_sum_ref
+
+SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]
+
+
+def bench_cpu(fn, reps: int) -> float:
+    fn()  # warm-up (and compile for the compiled provider)
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def bench_cuda(fn) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def useful_bytes(mode: str, n: int, e: int, k: int, active: int) -> int:
+    fwd = active * n * e + n * e
+    bwd = n * e + k * n * e + k * n * e
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def eager_sum(xs, w):
+    return sum(w[k] * xs[k] for k in range(len(xs)))
+
+
+def make_case(provider: str, mode: str, xs, w, active: int, compiled_cache: dict):
+    """A zero-argument callable doing one `mode` pass of `provider`."""
+    k = len(xs)
+    grad = torch.randn_like(xs[0])
+    if provider == "triton":
+        if mode == "fwd":
+            return lambda: mixed_sum_forward(xs, w)
+        if mode == "bwd":
+            return lambda: mixed_sum_backward(grad, xs, w)
+        return lambda: (mixed_sum_forward(xs, w), mixed_sum_backward(grad, xs, w))
+    if provider == "reference":
+        fn = lambda xs_, w_: mixed_sum_ref(xs_[:active], w_[:active])  # noqa: E731  (host-side skipping)
+    elif provider == "eager":
+        fn = eager_sum
+    else:
+        key = (k, tuple(xs[0].shape), mode)
+        if key not in compiled_cache:
+            compiled_cache[key] = torch.compile(lambda xs_, w_: mixed_sum_ref(xs_, w_), dynamic=False)
+        fn = compiled_cache[key]
+    if mode == "fwd":
+        return lambda: fn(xs, w)
+    xs_g = [x.detach().requires_grad_() for x in xs]
+    w_g = w.detach().requires_grad_()
+    inputs = xs_g[:active] + [w_g] if provider == "reference" else xs_g + [w_g]
+    if mode == "bwd":
+        out = fn(xs_g, w_g)
+        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(xs_g, w_g), inputs, grad)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ks", default="2,4,8")
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd")
+    p.add_argument("--reps", type=int, default=15, help="CPU timing repetitions (median)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    cuda = device.type == "cuda"
+    providers = ["triton", "eager"] + ([] if args.no_compile else ["compiled"]) + ([] if cuda else ["reference"])
+    records, compiled_cache = [], {}
+    for shape in SHAPES:
+        n = 1
+        for s in shape:
+            n *= s
+        copy_gbs = None
+        if cuda:
+            src, dst = torch.randn(shape, device=device), torch.empty(shape, device=device)
+            copy_gbs = 2 * n * 4 / bench_cuda(lambda: dst.copy_(src)) / 1e6
+        for k in [int(v) for v in args.ks.split(",")]:
+            for active in sorted({1, k}):
+                xs = [torch.randn(shape, device=device) for _ in range(k)]
+                w = torch.zeros(k, device=device)
+                w[:active] = torch.rand(active, device=device) + 0.1  # inputs past `active` weigh 0: skipped
+                for mode in args.modes.split(","):
+                    for provider in providers:
+                        rec = {"provider": provider, "device": device.type, "shape": list(shape), "K": k,
+                               "active": active, "mode": mode}
+                        if provider == "triton" and not cuda:
+                            rec.update(ms=None, gb_per_s=None, note="not measured: no GPU")
+                        else:
+                            case = make_case(provider, mode, xs, w, active, compiled_cache)
+                            ms = bench_cuda(case) if cuda else bench_cpu(case, args.reps)
+                            gbs = useful_bytes(mode, n, 4, k, active) / ms / 1e6
+                            rec.update(ms=round(ms, 4), gb_per_s=round(gbs, 2))
+                            if cuda:
+                                rec["pct_of_copy"] = round(100 * gbs / copy_gbs, 1)
+                        records.append(rec)
+                        print(f"  {provider:<9} {mode:<7} K={k} active={active} {'x'.join(map(str, shape)):<12} "
+                              f"{rec['ms'] if rec['ms'] is not None else 'not measured'} ms", flush=True)
+    # speed-up over eager, per (shape, K, active, mode)
+    eager = {(tuple(r["shape"]), r["K"], r["active"], r["mode"]): r["ms"] for r in records if r["provider"] == "eager"}
+    for r in records:
+        base = eager[(tuple(r["shape"]), r["K"], r["active"], r["mode"])]
+        r["vs_eager"] = round(base / r["ms"], 2) if r["ms"] else None
+    for r in records:
+        r["shape_str"] = "x".join(map(str, r["shape"]))
+    cols = ["provider", "mode", "shape_str", "K", "active", "ms", "gb_per_s", "vs_eager"] + (["pct_of_copy"] if cuda else [])
+    common.print_table([r for r in records if r["ms"] is not None], cols,
+                       title=f"\nmixed_sum on {device.type} (fp32; vs_eager = eager ms / provider ms)")
+    if not cuda:
+        print("triton: not measured (no GPU on this machine; the kernel's numerics are tested under "
+              "TRITON_INTERPRET=1 and its compilation for sm_80/sm_90 with ptxas)")
+    for r in records:
+        r.pop("shape_str")
+    common.write_json(args.json, records, bench="mixed_sum", device=device.type)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Step throughput per phase and variant:
+
+    eager-dense       the DARTS formulation: every op on every edge, softmax weights (warmup: one-hot
+                      skip weights), eager, contiguous memory format; its architecture step back-propagates
+                      into every weight too (DARTS' first-order `loss.backward()`)
+    engine-eager      the engine's steps, eager: hard sampling, one op per edge, logit-only gradients for
+                      architecture steps, channels_last on the CPU
+    engine-compiled   the engine's steps with `compile=on` (static graphs for warmup/optimize, per-op graphs
+                      for search); compile time is measured apart and kept out of it/s
+
+One search iteration is one weight step plus its share (1/arch_every) of an architecture step. Each
+variant runs `--warmup-iters` untimed iterations (and, compiled, its precompile), then `--iters` timed ones.
+`amortized_it_s` spreads the compile time over that phase's budget in the fashion-mnist preset, the
+figure the engine's CPU default is chosen by.
+
+    python bench/step.py --preset fashion-mnist --json bench/results/step-fmnist.json
+    python bench/step.py --preset cifar10 --synthetic --json bench/results/step-cifar10.json
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import common  # noqa: F401
+import torch
+import torch.nn.functional as F
+
+from engine.arch import CELL_TYPES, SKIP
+from engine.config import preset
+from engine.trainer import Trainer
+
+PHASES = ("warmup", "search", "optimize")
+
+
+def _batches(loader):
+    while True:
+        for b in loader:
+            yield b
+
+
+class Dense:
+    """The eager DARTS baseline on the trainer's supernet (contiguous layout, all ops, softmax weights)."""
+
+    def __init__(self, trainer):
+        self.t = trainer
+        self.net = trainer.net.to(memory_format=torch.contiguous_format)
+        self.params = list(self.net.parameters())
+
+    def _weights(self, phase):
+        if phase == "warmup":
+            w = torch.zeros(self.t.arch.edges, 8, device=self.t.device)
+            w[:, SKIP] = 1.0
+            return {t: w for t in CELL_TYPES}
+        return {t: torch.softmax(self.t.arch.logits[t], 1) for t in CELL_TYPES}
+
+    def weight_step(self, x, y, phase):
+        self.t.weight_opt.zero_grad(set_to_none=True)
+        w = {k: v.detach() for k, v in self._weights(phase).items()}
+        F.cross_entropy(self.net(x.contiguous(), dense=w), y).backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 5.0)
+        self.t.weight_opt.step()
+
+    def arch_step(self, x, y, phase):
+        self.t.arch_opt.zero_grad(set_to_none=True)
+        self.t.weight_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.net(x.contiguous(), dense=self._weights(phase)), y).backward()  # DARTS: all grads
+        self.t.arch_opt.step()
+
+
+def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int) -> dict:
+    compiled = variant == "engine-compiled"
+    run_cfg = cfg.override([f"compile={'on' if compiled else 'off'}"])
+    with tempfile.TemporaryDirectory() as out:
+        t = Trainer(run_cfg, out, log=lambda *_: None)
+        if phase == "optimize":
+            t._build_final(t.arch.genotype())
+            if variant == "eager-dense":
+                t.final_net.to(memory_format=torch.contiguous_format)
+                t.final_steps.channels_last = False
+        steps = t.final_steps if phase == "optimize" else t.steps
+        runner = Dense(t) if variant == "eager-dense" and phase != "optimize" else None
+        data = _batches(t.loaders["optimize" if phase == "optimize" else "train"])
+        arch_data = _batches(t.loaders["arch"]) if "arch" in t.loaders else None
+        every = cfg.arch_every
+        mon = steps.monitor
+        t.arch.tau = 1.0
+        count = {"i": 0}
+
+        def iteration():
+            x, y = next(data)
+            p = None if phase == "optimize" else phase
+            (runner or steps).weight_step(x, y, p)
+            images = len(y)
+            count["i"] += 1
+            if phase == "search" and count["i"] % every == 0:
+                xa, ya = next(arch_data)
+                (runner or steps).arch_step(xa, ya, phase)
+                images += len(ya)
+            return images
+
+        compile_s = 0.0
+        if compiled:
+            x, y = next(data)
+            t0 = time.perf_counter()
+            steps.precompile(x, y, None if phase == "optimize" else phase)
+            compile_s = time.perf_counter() - t0
+        else:
+            steps.prepare(None if phase == "optimize" else phase)
+        for _ in range(warmup_iters):
+            iteration()
+        before = mon.totals() if mon else {"compiles": 0, "recompiles": 0, "compile_s": 0.0}
+        if compiled:
+            compile_s = max(compile_s, before["compile_s"])
+        images = 0
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            images += iteration()
+        dt = time.perf_counter() - t0
+        after = mon.totals() if mon else before
+        params = sum(p.numel() for p in (t.final_net if phase == "optimize" else t.net).parameters())
+        steps_per_epoch = len(t.loaders["optimize" if phase == "optimize" else "train"])
+    return {"phase": phase, "variant": variant, "it_s": round(iters / dt, 3), "images_s": round(images / dt, 1),
+            "compile_s": round(compile_s, 1), "recompiles": after["recompiles"] - before["recompiles"],
+            "compiles_timed": after["compiles"] - before["compiles"], "params": params,
+            "steps_per_epoch": steps_per_epoch}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="fashion-mnist")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--synthetic", action="store_true", help="synthetic data of the preset's image shape "
+                   "(cifar10 when the data set is not on this machine)")
+    p.add_argument("--phases", default=",".join(PHASES))
+    p.add_argument("--variants", default="eager-dense,engine-eager,engine-compiled")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dense-iters", type=int, default=3, help="timed iterations for eager-dense (slow)")
+    p.add_argument("--warmup-iters", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    cfg = preset(args.preset).override(args.overrides)
+    if args.synthetic:
+        size, ch = (32, 3) if args.preset == "cifar10" else (28, 1)
+        cfg = cfg.override(["dataset=synthetic", f"synthetic_size={size}", f"synthetic_channels={ch}",
+                            "synthetic_train=4096", "synthetic_test=256", "loader=tensor"])
+    budget_cfg = preset("fashion-mnist")
+    records = []
+    for phase in args.phases.split(","):
+        for variant in args.variants.split(","):
+            iters = args.dense_iters if variant == "eager-dense" else args.iters
+            rec = measure(cfg, phase, variant, iters, 1 if variant == "eager-dense" else args.warmup_iters)
+            budget_epochs = getattr(budget_cfg, f"{phase}_epochs")
+            budget_steps = max(1, int(budget_epochs * rec["steps_per_epoch"]))
+            rec["amortized_it_s"] = round(budget_steps / (budget_steps / rec["it_s"] + rec["compile_s"]), 3)
+            rec.update(preset=args.preset, device=cfg.device, batch_size=cfg.batch_size if phase != "optimize"
+                       else cfg.optimize_batch_size, arch_every=cfg.arch_every, budget_steps=budget_steps)
+            records.append(rec)
+            print(f"  {phase:<8} {variant:<15} {rec['it_s']:8.3f} it/s  {rec['images_s']:8.1f} img/s  "
+                  f"compile {rec['compile_s']:.1f}s  recompiles {rec['recompiles']}", flush=True)
+    for phase in {r["phase"] for r in records}:
+        rows = [r for r in records if r["phase"] == phase]
+        dense = next((r for r in rows if r["variant"] == "eager-dense"), None)
+        for r in rows:
+            r["vs_eager_dense"] = round(r["it_s"] / dense["it_s"], 2) if dense else None
+    order = {ph: i for i, ph in enumerate(PHASES)}
+    records.sort(key=lambda r: (order.get(r["phase"], 9), r["variant"]))
+    common.print_table(records, ["phase", "variant", "it_s", "images_s", "vs_eager_dense", "compile_s",
+                                 "recompiles", "amortized_it_s", "params"],
+                       title=f"\nsteps, preset {args.preset}{' (synthetic data)' if args.synthetic else ''}, "
+                             f"batch {cfg.batch_size}, arch_every {cfg.arch_every}; amortized over the "
+                             f"fashion-mnist preset's phase budget")
+    common.write_json(args.json, records, bench="step", preset=args.preset, synthetic=args.synthetic,
+                      config=cfg.to_json())
+
+
+if __name__ == "__main__":
+    main()

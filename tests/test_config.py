@@ -1,0 +1,104 @@
+"""Config: presets, overrides, validation (one line naming the field), and the CLI's help."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.cli import build_parser, main
+from engine.config import PRESETS, Config, load_config_file, preset
+from engine.errors import ConfigError
+
+
+def test_presets_validate_and_differ():
+    for name in PRESETS:
+        cfg = preset(name)
+        cfg.validate()
+    c10 = preset("cifar10")
+    assert (c10.channels, c10.layers, c10.batch_size) == (16, 8, 64)
+    assert (c10.warmup_epochs, c10.search_epochs, c10.growth_epochs, c10.optimize_epochs) == (15, 25, 30, 15)
+    assert preset("smoke").dataset == "synthetic" and preset("fashion-mnist").dataset == "fashion-mnist"
+
+
+def test_overrides_are_typed():
+    cfg = preset("smoke").override(["search_epochs=2.5", "hard=false", "data_dir=/x", "max_cells=7",
+                                    "search_tau_start=none", "tau_min=0.2"])
+    assert cfg.search_epochs == 2.5 and cfg.hard is False and cfg.data_dir == "/x" and cfg.max_cells == 7
+    assert cfg.search_tau_start is None and cfg.tau_min == 0.2
+
+
+@pytest.mark.parametrize("assignment,field", [
+    ("search_epochs=-1", "search_epochs"),
+    ("tau_min=3.0", "tau_min"),
+    ("skip_threshold=1.5", "skip_threshold"),
+    ("dominant_threshold=-0.1", "dominant_threshold"),
+    ("batch_size=0", "batch_size"),
+    ("loader=pillow", "loader"),
+    ("dataset=imagenet", "dataset"),
+    ("channels=7", "channels"),
+    ("hard=maybe", "hard"),
+    ("layers=two", "layers"),
+    ("no_such_field=1", "no_such_field"),
+])
+def test_invalid_values_name_the_field(capsys, tmp_path, assignment, field):
+    with pytest.raises(ConfigError, match=field):
+        preset("smoke").override([assignment])
+    code = main(["search", "--preset", "smoke", "--set", assignment, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and field in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_preset(capsys, tmp_path):
+    code = main(["search", "--preset", "imagenet-xl", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "unknown preset 'imagenet-xl'" in err and "fashion-mnist" in err
+
+
+def test_unknown_op_in_a_genotype_file(capsys, tmp_path):
+    g = tmp_path / "g.json"
+    g.write_text(json.dumps({"normal": [["conv_11x11", 0]] * 8, "normal_concat": [2, 3, 4, 5],
+                             "reduce": [["max_pool_3x3", 0]] * 8, "reduce_concat": [2, 3, 4, 5]}))
+    code = main(["train", "--preset", "smoke", "--genotype", str(g), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "conv_11x11" in err and str(g) in err and len(err.splitlines()) == 1
+
+
+def test_config_file_round_trip_and_errors(tmp_path):
+    cfg = preset("cifar10")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_json()))
+    assert load_config_file(str(path)) == cfg
+    path.write_text(json.dumps({**cfg.to_json(), "colour": "blue"}))
+    with pytest.raises(ConfigError, match="colour"):
+        load_config_file(str(path))
+    path.write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config_file(str(path))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config_file(str(tmp_path / "missing.json"))
+
+
+def test_every_field_has_a_default_and_survives_json():
+    cfg = Config()
+    assert Config.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+@pytest.mark.parametrize("command", ["search", "train", "eval", "data", "profile"])
+def test_help_is_complete(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: aso-se " + command)
+    for action in build_parser()._subparsers._group_actions[0].choices[command]._actions:
+        if action.help != "==SUPPRESS==" and action.option_strings:
+            assert action.option_strings[-1] in text
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for command in ("search", "train", "eval", "data", "profile"):
+        assert command in text

@@ -1,0 +1,171 @@
+"""Compiled steps: compiled == eager, zero recompiles in steady state, invalidate() recompiles each graph
+exactly once, NVTX changes nothing, and (on CUDA) the static weight steps replay as CUDA graphs.
+
+Compiles on this CPU are slow, so the networks here are tiny (one or two cells, 8x8 images)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import preset
+from engine.profiling import enable_nvtx
+from engine.trainer import Trainer
+
+TINY = ["synthetic_size=8", "synthetic_train=256", "synthetic_test=64", "channels=4", "layers=1", "batch_size=16",
+        "optimize_batch_size=16", "stem_multiplier=1"]
+
+
+def _trainer(tmp_path, name, *overrides):
+    return Trainer(preset("smoke").override(TINY + list(overrides)), str(tmp_path / name), log=lambda *_: None)
+
+
+def _batches(trainer, key, n):
+    out, it = [], iter(trainer.loaders[key])
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            it = iter(trainer.loaders[key])
+            out.append(next(it))
+    return out
+
+
+def _losses(trainer, phase, n, batches, arch_batches=None):
+    steps = trainer.steps if phase != "optimize" else trainer.final_steps
+    steps.prepare(None if phase == "optimize" else phase)
+    losses = []
+    for i in range(n):
+        x, y = batches[i]
+        r = steps.weight_step(x, y, None if phase == "optimize" else phase)
+        losses.append(r.loss)
+        if arch_batches is not None:
+            losses.append(steps.arch_step(*arch_batches[i], phase).loss)
+    return losses
+
+
+def _same(a, b, rtol=2e-3):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert abs(u - v) <= rtol * max(abs(v), 1e-3), f"step {i}: compiled {u:.6f} vs eager {v:.6f}"
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_warmup_steps_agree_then_no_recompiles(tmp_path):
+    eager = _trainer(tmp_path, "e", "compile=off")
+    comp = _trainer(tmp_path, "c", "compile=on")
+    batches = _batches(eager, "train", 20)
+    want = _losses(eager, "warmup", 20, batches)
+    before = comp.steps.monitor.totals()
+    got = _losses(comp, "warmup", 20, batches)
+    _same(got, want)
+    mid = comp.steps.monitor.totals()
+    assert mid["compiles"] - before["compiles"] == 1 and mid["recompiles"] == before["recompiles"]
+    _losses(comp, "warmup", 10, batches)  # steady state
+    assert comp.steps.monitor.totals()["compiles"] == mid["compiles"]
+    assert comp.steps.monitor.totals()["recompiles"] == mid["recompiles"]
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_search_steps_agree_then_no_recompiles(tmp_path):
+    eager = _trainer(tmp_path, "e", "compile=off")
+    comp = _trainer(tmp_path, "c", "compile=on")
+    batches, arch_batches = _batches(eager, "train", 20), _batches(eager, "arch", 20)
+    want = _losses(eager, "search", 20, batches, arch_batches)
+    mon = comp.steps.monitor
+    x, y = batches[0]
+    comp.steps.precompile(x, y, "search")  # every op variant once; weights and BN statistics untouched
+    compiled = mon.totals()
+    got = _losses(comp, "search", 20, batches, arch_batches)
+    _same(got, want)
+    after = mon.totals()
+    assert after["compiles"] == compiled["compiles"] and after["recompiles"] == compiled["recompiles"], \
+        "a sampled architecture compiled something after precompile"
+    graphs = {g for g in mon.graphs if g.startswith("op:")}
+    assert len(graphs) >= 6  # max/avg pool, sep 3/5, dil 3/5 at the cell's resolution
+
+
+@pytest.mark.slow
+def test_invalidate_recompiles_each_graph_exactly_once(tmp_path):
+    comp = _trainer(tmp_path, "c", "compile=on")
+    mon, steps = comp.steps.monitor, comp.steps
+    batches = _batches(comp, "train", 6)
+    x, y = batches[0]
+    steps.precompile(x, y, "search")
+    graphs = {g for g in mon.graphs if g.startswith("op:")}
+    _losses(comp, "search", 3, batches, _batches(comp, "arch", 3))
+    before = mon.totals()
+    steps.invalidate()
+    steps.precompile(x, y, "search")
+    after = mon.totals()
+    assert after["recompiles"] - before["recompiles"] == len(graphs)
+    assert after["compiles"] == before["compiles"]
+    reasons = {e.reason for e in mon.events[-len(graphs):]}
+    assert reasons == {"invalidated"}
+    _losses(comp, "search", 3, batches, _batches(comp, "arch", 3))
+    assert mon.totals()["recompiles"] == after["recompiles"]  # then zero
+
+
+@pytest.mark.slow
+def test_compiled_optimize_phase_matches_eager(tmp_path):
+    eager = _trainer(tmp_path, "e", "compile=off")
+    comp = _trainer(tmp_path, "c", "compile=on")
+    for t in (eager, comp):
+        t._build_final(t.arch.genotype())
+    batches = _batches(eager, "optimize", 20)
+    _same(_losses(comp, "optimize", 20, batches), _losses(eager, "optimize", 20, batches))
+    mon = comp.final_steps.monitor
+    before = mon.totals()
+    _losses(comp, "optimize", 5, batches)
+    assert mon.totals()["compiles"] == before["compiles"] and mon.totals()["recompiles"] == before["recompiles"]
+
+
+def test_compile_totals_reach_the_metrics(tmp_path):
+    trainer = _trainer(tmp_path, "m", "compile=off", "warmup_epochs=1", "search_epochs=0", "growth_epochs=0",
+                       "optimize_epochs=0")
+    trainer.run()
+    import json
+    record = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["compiles"] == 0 and record["recompiles"] == 0 and record["compile_s"] == 0.0
+
+
+def test_nvtx_on_and_off_give_the_same_losses(tmp_path):
+    runs = []
+    for on in (False, True):
+        enable_nvtx(on)
+        try:
+            t = _trainer(tmp_path, f"n{on}", "compile=off")
+            batches, arch_batches = _batches(t, "train", 5), _batches(t, "arch", 5)
+            runs.append(_losses(t, "warmup", 5, batches) + _losses(t, "search", 5, batches, arch_batches))
+        finally:
+            enable_nvtx(False)
+    assert runs[0] == runs[1]
+
+
+def test_nvtx_ranges_are_free_when_off():
+    from engine.profiling import nvtx_range
+    enable_nvtx(False)
+    assert nvtx_range("a") is nvtx_range("b")  # one shared no-op context manager
+
+
+def test_profile_command_writes_a_trace_per_phase(tmp_path, capsys):
+    from engine.cli import main
+    assert main(["profile", "--preset", "smoke", "--steps", "2", "--top", "5", "--out", str(tmp_path),
+                 "--set", "compile=off"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("warmup", "search", "growth", "optimize"):
+        assert (tmp_path / f"{phase}.json").stat().st_size > 1000
+        assert f"== {phase}: 2 steps" in out
+    assert "Self CPU" in out
+
+
+@pytest.mark.cuda
+def test_static_weight_steps_replay_as_cuda_graphs(tmp_path):
+    from torch._dynamo.utils import counters
+    comp = _trainer(tmp_path, "g", "compile=on", "device=cuda")
+    assert comp.steps.policy["mode"] == "reduce-overhead"
+    batches = _batches(comp, "train", 6)
+    counters.clear()
+    _losses(comp, "warmup", 6, batches)
+    assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
+    from torch._inductor import cudagraph_trees
+    assert cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None
