@@ -126,6 +126,57 @@ def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int) -> dic
             "steps_per_epoch": steps_per_epoch}
 
 
+def growth_run(cfg, events: list[str], iters: int) -> list[dict]:
+    """Search-step it/s and FLOPs per step on the supernet before and after each growth event. Timing and
+    FLOP counting replay the same Gumbel samples (the generator is re-seeded), so the two are comparable."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.growth import grow
+
+    records = []
+    with tempfile.TemporaryDirectory() as out:
+        t = Trainer(cfg.override(["compile=off"]), out, log=lambda *_: None)
+        t.arch.tau = 1.0
+        t.arch.skip_bias = 0.0
+        batches = [b for _, b in zip(range(iters + 2), _batches(t.loaders["train"]))]
+        arch_batches = [b for _, b in zip(range(iters + 2), _batches(t.loaders["arch"]))]
+
+        def run(n, start=0):
+            t.gumbel.manual_seed(1234)
+            for i in range(start, start + n):
+                t.steps.weight_step(*batches[i], "growth")
+                t.steps.arch_step(*arch_batches[i], "growth")
+
+        def measure(label):
+            run(2)  # warm-up
+            t0 = time.perf_counter()
+            run(iters)
+            dt = time.perf_counter() - t0
+            t.gumbel.manual_seed(1234)
+            with FlopCounterMode(display=False) as counter:
+                for i in range(iters):
+                    t.steps.weight_step(*batches[i], "growth")
+                    t.steps.arch_step(*arch_batches[i], "growth")
+            net = t.net
+            rec = {"after": label, "cells": len(net.cells), "channels": net.spec.cells[0].c,
+                   "params": sum(p.numel() for p in net.parameters()), "it_s": round(iters / dt, 3),
+                   "gflop_per_it": round(counter.get_total_flops() / iters / 1e9, 3)}
+            print(f"  {label:<12} {rec['it_s']:.3f} it/s  {rec['gflop_per_it']:.3f} GFLOP/it  "
+                  f"{rec['params']:,} params", flush=True)
+            return rec
+
+        records.append(measure("start"))
+        for kind in events:
+            grow(t, kind)
+            records.append(measure(f"grow_{kind}"))
+    base = records[0]
+    for r in records:
+        r["it_s_ratio"] = round(r["it_s"] / base["it_s"], 3)
+        r["time_per_it_ratio"] = round(base["it_s"] / r["it_s"], 3)
+        r["flop_ratio"] = round(r["gflop_per_it"] / base["gflop_per_it"], 3)
+    return records
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="fashion-mnist")
@@ -137,6 +188,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--dense-iters", type=int, default=3, help="timed iterations for eager-dense (slow)")
     p.add_argument("--warmup-iters", type=int, default=2)
+    p.add_argument("--growth-events", default="", help="e.g. depth,width: measure search steps before and "
+                   "after each growth event instead of the phase table")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     cfg = preset(args.preset).override(args.overrides)
@@ -144,6 +197,14 @@ def main() -> None:
         size, ch = (32, 3) if args.preset == "cifar10" else (28, 1)
         cfg = cfg.override(["dataset=synthetic", f"synthetic_size={size}", f"synthetic_channels={ch}",
                             "synthetic_train=4096", "synthetic_test=256", "loader=tensor"])
+    if args.growth_events:
+        records = growth_run(cfg, args.growth_events.split(","), args.iters)
+        common.print_table(records, ["after", "cells", "channels", "params", "it_s", "gflop_per_it",
+                                     "time_per_it_ratio", "flop_ratio"],
+                           title=f"\ngrowth run, preset {args.preset}: search iterations (weight + architecture "
+                                 f"step) before and after each event; ratios against the start")
+        common.write_json(args.json, records, bench="step-growth", preset=args.preset, config=cfg.to_json())
+        return
     budget_cfg = preset("fashion-mnist")
     records = []
     for phase in args.phases.split(","):

@@ -90,7 +90,7 @@ class Trainer:
         # ---- data: uint8 arrays in memory; loaders augment per batch
         self.dataset = load_data(cfg)
         self.splits = make_splits(self.dataset, cfg.val_fraction, cfg.seed)
-        self.augment = train_augment(self.dataset, cfg.flip)
+        self.augment = train_augment(self.dataset, cfg.flip, cfg.crop_pad)
         self.loaders = self._make_loaders()
 
         # ---- model: supernet + architecture, two optimizers separated by parameter identity
@@ -110,7 +110,7 @@ class Trainer:
         self.global_epoch, self.global_step, self.arch_steps = 0, 0, 0
         self.arch_stream_state = (0, 0)      # (epoch, position) of the val batches for architecture steps
         self.growth_history: list[dict] = []
-        self.plateau: list[float] = []
+        self.val_history: list[float] = []
         self.elapsed = 0.0
         self.skipped = 0
         self.best_val: float | None = None
@@ -147,10 +147,14 @@ class Trainer:
         return loaders
 
     def _build_supernet(self, spec: NetSpec) -> None:
+        net = Network(spec).to(self.device)
+        self.adopt_supernet(net.to(memory_format=torch.channels_last) if self.channels_last else net)
+
+    def adopt_supernet(self, net: Network) -> None:
+        """Make `net` the supernet (at start, on resume, after a growth event): a fresh weight optimizer over
+        its parameters (growth moves the old one's state across) and steps bound to it."""
         cfg = self.cfg
-        self.net = Network(spec).to(self.device)
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = net
         self.weight_opt = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                           weight_decay=cfg.weight_decay)
         self.steps = Steps(self.net, self.weight_opt, arch=self.arch, arch_opt=self.arch_opt, grad_clip=cfg.grad_clip,
@@ -243,6 +247,8 @@ class Trainer:
                     if self.stop_after is not None and epochs_this_process >= self.stop_after:
                         self.log(f"stopped after {epochs_this_process} epoch(s); continue with --resume {self.out}")
                         return None
+                    if phase == "growth":
+                        self._maybe_grow()  # at the start of a growth epoch: the grown network then trains
                     with nvtx_range(f"epoch {self.epoch}"):
                         record = self._run_epoch(phase)
                     self.epoch += 1
@@ -252,8 +258,8 @@ class Trainer:
                     record["elapsed_s"] = round(self.elapsed, 2)
                     self.metrics.append(record)
                     self.log(self._epoch_line(record))
-                    if phase == "growth" and self.epoch < self._epochs(phase):
-                        self._maybe_grow(record)
+                    if record.get("val_acc") is not None and phase in ("search", "growth"):
+                        self.val_history.append(record["val_acc"])
                     self._save("last.pt")
             self._save(f"{phase}.pt")
             self.phase_index += 1
@@ -402,8 +408,29 @@ class Trainer:
                 + f"{_fmt_time(r['elapsed_s'])}")
 
     # ------------------------------------------------------------------------------------------ growth
-    def _maybe_grow(self, record: dict) -> None:
-        event = growth_mod.maybe_grow(self, record)
+    def probe_batch(self) -> torch.Tensor:
+        """A fixed batch (the first of the val evaluation split) on which growth checks preservation."""
+        if getattr(self, "_probe", None) is None:
+            loader = self.loaders.get("val", self.loaders["test"])
+            x, _ = next(iter(loader))
+            self._probe = x[:64].clone()
+        return self._probe.contiguous(memory_format=torch.channels_last) if self.channels_last else self._probe
+
+    def recompile_after_growth(self) -> dict:
+        """After a growth event every step graph is thrown away and compiled exactly once, now."""
+        steps = self.steps
+        if not steps.compiling:
+            return {"seconds": 0.0, "recompiles": 0}
+        before = steps.monitor.totals()
+        t0 = time.perf_counter()
+        steps.invalidate()
+        x, y = next(iter(self.loaders["train"]))
+        steps.precompile(x, y, "growth")
+        after = steps.monitor.totals()
+        return {"seconds": round(time.perf_counter() - t0, 2), "recompiles": after["recompiles"] - before["recompiles"]}
+
+    def _maybe_grow(self) -> None:
+        event = growth_mod.maybe_grow(self)
         if event is not None:
             self.growth_history.append(event)
             self.metrics.append(event)
@@ -448,7 +475,7 @@ class Trainer:
             "final_genotype": None, "final_net": None, "final_opt": None,
             "rng": {"torch": torch.get_rng_state(), "gumbel": self.gumbel.get_state(),
                     "numpy": _numpy_state(), "python": list(random.getstate()[1])},
-            "metrics_lines": self.metrics.count(), "growth_history": self.growth_history, "plateau": self.plateau,
+            "metrics_lines": self.metrics.count(), "growth_history": self.growth_history, "val_history": self.val_history,
             "elapsed_s": self.elapsed, "skipped": self.skipped,
         }
         if self.final_net is not None:
@@ -483,7 +510,7 @@ class Trainer:
         self.phase_index, self.epoch = state["phase_index"], state["epoch"]
         self.global_epoch, self.global_step = state["global_epoch"], state["global_step"]
         self.arch_steps, self.arch_stream_state = state["arch_steps"], tuple(state["arch_stream"])
-        self.growth_history, self.plateau = state["growth_history"], state["plateau"]
+        self.growth_history, self.val_history = state["growth_history"], state["val_history"]
         self.elapsed, self.skipped = state["elapsed_s"], state["skipped"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])

@@ -25,9 +25,10 @@ def make_splits(dataset: Dataset, val_fraction: float, seed: int) -> dict[str, t
     }
 
 
-def train_augment(dataset: Dataset, flip: bool | None = None) -> Augment:
-    """The data set's training augmentation; `flip=None` takes the data set's default."""
-    return Augment(dataset.mean, dataset.std, pad=dataset.pad, flip=dataset.flip if flip is None else flip)
+def train_augment(dataset: Dataset, flip: bool | None = None, pad: int = -1) -> Augment:
+    """The data set's training augmentation; `flip=None` and `pad=-1` take the data set's defaults."""
+    return Augment(dataset.mean, dataset.std, pad=dataset.pad if pad < 0 else pad,
+                   flip=dataset.flip if flip is None else flip)
 
 
 def describe(dataset: Dataset, val_fraction: float, seed: int) -> str:
