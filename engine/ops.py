@@ -72,22 +72,26 @@ class SepConv(nn.Sequential):
 
 
 class FactorizedReduce(nn.Module):
-    """Stride-2 skip path: two 1x1 stride-2 convs, the second shifted by one pixel, concatenated.
-    Output (N, c_out, ceil(H/2), ceil(W/2)); odd inputs are padded on the right/bottom for the shifted branch."""
+    """Stride-2 skip path: two 1x1 convs at stride 2, the second shifted by one pixel, concatenated.
+    Output (N, c_out, ceil(H/2), ceil(W/2)); odd inputs are padded on the right/bottom for the shifted branch.
+
+    The stride is taken by subsampling before stride-1 convs (the same arithmetic for a 1x1 kernel):
+    oneDNN's weight gradient of a strided 1x1 conv on channels_last input corrupts the heap for odd batch
+    sizes at even feature-map sizes (e.g. N=5, 12x12; torch 2.14.1 CPU; see tests/test_ops.py)."""
 
     def __init__(self, c_in: int, c_out: int, affine: bool = True):
         super().__init__()
         if c_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {c_out}")
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, bias=False)
         self.bn = nn.BatchNorm2d(c_out, affine=affine)
 
     def forward(self, x):
         x = self.relu(x)
         shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:] if x.shape[-1] % 2 or x.shape[-2] % 2 else x[:, :, 1:, 1:]
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        return self.bn(torch.cat([self.conv_1(x[:, :, ::2, ::2]), self.conv_2(shifted[:, :, ::2, ::2])], dim=1))
 
 
 class PoolBN(nn.Sequential):

@@ -52,3 +52,38 @@ def test_pooling_is_followed_by_a_non_affine_batchnorm_during_search():
 def test_unknown_primitive():
     with pytest.raises(ValueError, match="unknown primitive"):
         make_op("conv_7x7", 4, 1, affine=False)
+
+
+_ODD_BATCH_SCRIPT = """
+import torch
+from engine.ops import FactorizedReduce
+torch.set_num_threads(2)
+for n, c, h in ((5, 4, 12), (17, 12, 14), (5, 8, 12), (3, 16, 28)):
+    op = FactorizedReduce(c, c).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        x = torch.randn(n, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
+        op(x).sum().backward()
+print("ok")
+"""
+
+
+def test_factorized_reduce_backward_with_odd_batches_on_channels_last():
+    """Regression: a strided 1x1 conv's weight gradient in oneDNN corrupted the heap for odd batch sizes
+    (a crash, so it runs in its own process)."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _ODD_BATCH_SCRIPT], capture_output=True, text=True, cwd=repo,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_factorized_reduce_equals_a_strided_convolution():
+    op = FactorizedReduce(6, 8, affine=False).eval()
+    x = torch.randn(3, 6, 9, 9)
+    y = torch.relu(x)
+    ref1 = torch.nn.functional.conv2d(y, op.conv_1.weight, stride=2)
+    shifted = torch.nn.functional.pad(y, (0, 1, 0, 1))[:, :, 1:, 1:]
+    ref2 = torch.nn.functional.conv2d(shifted, op.conv_2.weight, stride=2)
+    assert torch.allclose(op(x), op.bn(torch.cat([ref1, ref2], 1)), atol=1e-6)

@@ -57,7 +57,8 @@ def test_run_directory_contents(smoke_run):
     assert {"test_acc", "params", "wall_s", "genotype"} <= set(data) and 0 <= data["test_acc"] <= 1
     assert data == final
     records = _metrics(out)
-    epochs = [r for r in records if r.get("phase") in ("warmup", "search", "growth", "optimize")]
+    epochs = [r for r in records if "event" not in r and r.get("phase") in ("warmup", "search", "growth", "optimize")]
+    assert [r["event"] for r in records if "event" in r] == ["grow_depth"]  # the smoke preset grows once
     assert [r["phase"] for r in epochs] == ["warmup", "search", "growth", "optimize"]
     for r in epochs:
         for key in ("epoch", "train_loss", "train_acc", "val_acc", "mean_entropy", "tau", "it_s", "images_s",
@@ -97,7 +98,7 @@ def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path, stop_after):
     out = tmp_path / "run"
     cfg = preset("smoke")
     assert _run(cfg, out, stop_after=stop_after) is None
-    assert len([r for r in _metrics(out) if r["phase"] != "final"]) == stop_after
+    assert len([r for r in _metrics(out) if r["phase"] != "final" and "event" not in r]) == stop_after
     final = Trainer(cfg, str(out), resume=True, log=_quiet).run()
     assert _untimed(_metrics(out)) == _untimed(_metrics(full_out))
     assert (out / "genotype.json").read_text() == (full_out / "genotype.json").read_text()
@@ -166,9 +167,10 @@ def test_no_none_poisoning(tmp_path):
 
 @needs_fashion_mnist
 def test_no_collapse_when_search_begins(tmp_path):
+    # the main job's preset on a third of the training set (156 steps per epoch instead of 469)
     cfg = preset("fashion-mnist").override([
-        "train_subset=6000", "channels=8", "stem_stride=2", "warmup_epochs=2", "search_epochs=1",
-        "growth_epochs=0", "optimize_epochs=0", "eval_samples=2000"])
+        "train_subset=20000", "warmup_epochs=1", "search_epochs=1", "growth_epochs=0", "optimize_epochs=0",
+        "eval_samples=3000"])
     _run(cfg, tmp_path)
     records = _metrics(tmp_path)
     last_warmup = [r for r in records if r["phase"] == "warmup"][-1]
@@ -181,7 +183,7 @@ def test_no_batch_mismatch_with_partial_batches_in_every_phase(tmp_path):
     cfg = preset("smoke").override(["synthetic_train=203", "synthetic_test=77", "batch_size=32",
                                     "eval_batch_size=50", "optimize_batch_size=32", "drop_last=false"])
     final = _run(cfg, tmp_path)
-    phases = [r["phase"] for r in _metrics(tmp_path)]
+    phases = [r["phase"] for r in _metrics(tmp_path) if "event" not in r]
     assert phases == ["warmup", "search", "growth", "optimize", "final"] and final["test_acc"] >= 0
 
 
@@ -254,11 +256,12 @@ def test_nan_logits_fall_back_and_the_run_goes_on(tmp_path):
 
 def test_too_many_nan_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    _run(preset("smoke"), out, stop_after=1)
+    cfg = preset("smoke").override(["nan_limit=5"])  # trips inside the first resumed epoch
+    _run(cfg, out, stop_after=1)
     last = (out / "checkpoints" / "last.pt").read_bytes()
     monkeypatch.setattr(Steps, "criterion", lambda self, logits, y: logits.sum() * float("nan"))
     with pytest.raises(TrainingError, match="nan_limit"):
-        Trainer(preset("smoke"), str(out), resume=True, log=_quiet).run()
+        Trainer(cfg, str(out), resume=True, log=_quiet).run()
     assert (out / "checkpoints" / "last.pt").read_bytes() == last
     code = main(["search", "--resume", str(out)])
     err = capsys.readouterr().err.strip()
