@@ -217,11 +217,14 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def derive(supernet: Network, genotype: Genotype, transfer: bool = True, stem_stride: int | None = None) -> Network:
+def derive(supernet: Network, genotype: Genotype, transfer: bool = True, stem_stride: int | None = None,
+           open_gates: bool = True) -> Network:
     """Build the derived network of `genotype` on the supernet's (possibly grown) spec. With `transfer`,
     the stem, preprocessing, classifier and each chosen op start from the supernet's weights (non-affine
     search BatchNorms become affine ones with weight 1, bias 0: the same function). `stem_stride` trains
-    the derived network at another resolution than the search ran at; every weight keeps its shape."""
+    the derived network at another resolution than the search ran at; every weight keeps its shape.
+    `open_gates` resets the output scales of gated ops to 1 (see `_open_gates`); without it the derived
+    network computes exactly what the supernet computes at the genotype."""
     spec = supernet.spec if stem_stride is None else dataclasses.replace(supernet.spec, stem_stride=stem_stride)
     net = Network(spec, genotype).to(next(supernet.parameters()).device)
     if not transfer:
@@ -239,7 +242,8 @@ def derive(supernet: Network, genotype: Genotype, transfer: bool = True, stem_st
         if src in source and source[src].shape == target[name].shape:
             target[name] = source[src].clone()
     net.load_state_dict(target)
-    _open_gates(net)
+    if open_gates:
+        _open_gates(net)
     return net
 
 

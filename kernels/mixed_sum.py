@@ -46,6 +46,8 @@ def _accumulate(acc, x_ptr, w_ptr, k: tl.constexpr, offs, mask, eps):
     return acc
 
 
+# The inputs are eight pointer arguments, unrolled by hand below: a pointer argument cannot be indexed by a
+# loop variable, and `if K > k` on the constexpr K removes the unused ones at compile time.
 @triton.jit
 def _mixed_sum_fwd_kernel(out_ptr, w_ptr, x0, x1, x2, x3, x4, x5, x6, x7, n, eps,
                           K: tl.constexpr, BLOCK: tl.constexpr):

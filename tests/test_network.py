@@ -174,11 +174,17 @@ def test_derived_network_forward_backward_and_weight_transfer():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    derived = derive(net, g)
+    derived = derive(net, g, open_gates=False)
     net.eval(), derived.eval()
     with torch.no_grad():
         diff = (net(x, arch.sample("derive")) - derived(x)).abs().max()
     assert diff < 1e-5, f"max diff {diff:.3g}"
+    # by default the gated ops' output scales restart at 1, the only change from the supernet's function
+    opened = derive(net, g).eval()
+    changed = [n for n, p in opened.state_dict().items()
+               if not torch.equal(p, derived.state_dict()[n])]
+    assert changed and all(n.endswith(".weight") for n in changed), changed
+    assert all(bool((opened.state_dict()[n] == 1).all()) for n in changed)
     fresh = derive(net, g, transfer=False)
     assert not torch.equal(fresh.stem[0].weight, net.stem[0].weight)
 
