@@ -11,8 +11,16 @@ PRESET ?= fashion-mnist
 
 .PHONY: run test install data bench clean
 
+# Idempotent: an interrupted run in RUN_DIR is resumed; a finished one is kept and a new run starts beside it.
 run: install data
-	$(PY) -m engine.cli search --preset $(PRESET) --out $(RUN_DIR)
+	@if [ -f $(RUN_DIR)/checkpoints/last.pt ] && [ ! -f $(RUN_DIR)/final.json ]; then \
+	  echo "resuming the unfinished run in $(RUN_DIR)"; \
+	  $(PY) -m engine.cli search --resume $(RUN_DIR); \
+	else \
+	  out=$(RUN_DIR); [ -f $(RUN_DIR)/final.json ] && out=$(RUN_DIR)-$$(date +%Y%m%d-%H%M%S); \
+	  echo "run directory: $$out"; \
+	  $(PY) -m engine.cli search --preset $(PRESET) --out $$out; \
+	fi
 
 test: install data
 	$(PY) -m pytest -q
