@@ -102,6 +102,10 @@ def main() -> None:
     cuda = device.type == "cuda"
     providers = ["triton", "eager"] + ([] if args.no_compile else ["compiled"]) + ([] if cuda else ["reference"])
     records, compiled_cache = [], {}
+    # Every compiled case wraps the same lambda, so dynamo keeps all of them as cache entries of one code
+    # object: past the default limit (8) it would silently run the rest eagerly.
+    torch._dynamo.config.recompile_limit = 1024
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     for shape in SHAPES:
         n = 1
         for s in shape:

@@ -10,6 +10,7 @@ horizontal flip, then normalize with the data set's per-channel mean/std; output
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,12 +228,20 @@ class DaliLoader(_Loader):
             yield self._take()
 
 
+def _view(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the memory of an array the loaders only read (readers may hand out read-only
+    arrays; torch warns about those on every first use, though nothing here ever writes to them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 class _AugmentedSamples(torch.utils.data.Dataset):
     """Map-style data set for the torch baseline: one index is (sample, dy, dx, flip)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, augment: Augment):
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, C, H, W) view, uint8
-        self.labels = torch.from_numpy(labels)
+        self.images = _view(images).permute(0, 3, 1, 2)  # (N, C, H, W) view, uint8
+        self.labels = _view(labels)
         self.pad = augment.pad
         self.mean = torch.tensor(augment.mean).view(-1, 1, 1)
         self.std = torch.tensor(augment.std).view(-1, 1, 1)
@@ -277,8 +286,8 @@ class TensorLoader(_Loader):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         images = np.require(self.images, requirements="W")  # idx files are read into read-only buffers
-        self._images = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-        self._labels = torch.from_numpy(self.labels).to(self.device)
+        self._images = _view(images).to(self.device).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+        self._labels = _view(self.labels).to(self.device)
         self._mean = torch.tensor(self.augment.mean, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(self.augment.std, device=self.device).view(1, -1, 1, 1)
 
