@@ -185,8 +185,8 @@ def main() -> None:
                    "(cifar10 when the data set is not on this machine)")
     p.add_argument("--phases", default=",".join(PHASES))
     p.add_argument("--variants", default="eager-dense,engine-eager,engine-compiled")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dense-iters", type=int, default=3, help="timed iterations for eager-dense (slow)")
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--dense-iters", type=int, default=5, help="timed iterations for eager-dense (slow)")
     p.add_argument("--warmup-iters", type=int, default=2)
     p.add_argument("--growth-events", default="", help="e.g. depth,width: measure search steps before and "
                    "after each growth event instead of the phase table")
