@@ -139,17 +139,19 @@ def reset() -> None:
 
 
 def resolve_policy(setting: str, device: torch.device) -> dict:
-    """What is compiled, per the `compile` config field ("auto" | "on" | "off") and the device.
+    """What is compiled, per the `compile` config field ("auto" | "on" | "static" | "off") and the device.
+    "static" compiles only the static phases' graphs (warmup, optimize), not the search's per-op graphs.
 
-    auto on CPU compiles nothing: measured on the 2-core CPU (README "Compiling"), the static derived
-    network compiles in 109 s for 1.26x afterwards (break-even after about 1100 steps, inside the noise of
-    the main job's 1407 optimize steps), per-op graphs gain 1.0-1.1x on the convolutions, and the supernet's
-    dense graph took 738 s to compile for no gain. auto on CUDA compiles everything, the static phases as
-    CUDA graphs: there, launch overhead dominates DARTS's small kernels.
+    auto on CPU compiles nothing: measured on the 2-core CPU with a cold inductor cache (README
+    "Compiling"), compiling costs more than it saves in warmup (56 s for 2.4x over 468 steps), per-op graphs
+    are slower than eager in search, optimize breaks even at best (258 s for 1.16x over 1407 steps), and the
+    supernet's dense graph took 738 s to compile for no gain. With a warm cache "static" pays on the CPU.
+    auto on CUDA compiles everything, the static phases as CUDA graphs: there, launch overhead dominates
+    DARTS's small kernels.
     """
     cuda = device.type == "cuda"
     on = setting == "on" or (setting == "auto" and cuda)
-    return {"static": on, "ops": on, "optimizer": on and cuda,
+    return {"static": on or setting == "static", "ops": on, "optimizer": on and cuda,
             "mode": "reduce-overhead" if cuda else "default"}
 
 

@@ -91,7 +91,7 @@ class Config:
     max_params: int = 5_000_000
     # ---- engine
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    compile: str = "auto"                 # auto: what measured faster per device and phase | on | off
+    compile: str = "auto"                 # auto: what measured faster per device and phase | on | static | off
     recompile_limit: int = 64             # torch._dynamo's cache entries per code object: the per-op graphs
                                           # share one (nn.Module.__call__), one entry per op variant
     nvtx: bool = False
@@ -170,7 +170,7 @@ class Config:
         need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         need(self.optimize_init in ("supernet", "fresh"), "optimize_init", "choose supernet or fresh")
         need(self.optimize_data in ("train", "train+val"), "optimize_data", "choose train or train+val")
-        need(self.compile in ("auto", "on", "off"), "compile", "choose auto, on or off")
+        need(self.compile in ("auto", "on", "static", "off"), "compile", "choose auto, on, static or off")
         need(self.grow_width_factor > 1.0, "grow_width_factor", "must be > 1")
         kinds = [k for k in self.grow_kinds.split(",") if k]
         need(bool(kinds) and all(k in ("depth", "width") for k in kinds), "grow_kinds",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from engine.cli import build_parser, main
 from engine.config import PRESETS, Config, load_config_file, preset
@@ -102,3 +103,14 @@ def test_top_level_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for command in ("search", "train", "eval", "data", "profile"):
         assert command in text
+
+
+@pytest.mark.parametrize("setting, device, expected", [
+    ("auto", "cpu", (False, False)), ("auto", "cuda", (True, True)), ("on", "cpu", (True, True)),
+    ("static", "cpu", (True, False)), ("static", "cuda", (True, False)), ("off", "cuda", (False, False)),
+])
+def test_compile_setting_picks_the_graphs(setting, device, expected):
+    from engine.compile import resolve_policy
+    preset("smoke").override([f"compile={setting}"])  # a valid value
+    policy = resolve_policy(setting, torch.device(device))
+    assert (policy["static"], policy["ops"]) == expected

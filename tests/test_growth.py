@@ -10,6 +10,7 @@ import torch
 
 from engine.arch import Architecture
 from engine.config import preset
+from engine.errors import TrainingError
 from engine.growth import (choose_depth_position, grow_depth, grow_width, transfer_optimizer_state, widen_map)
 from engine.network import Network, darts_spec
 from engine.trainer import Trainer
@@ -58,6 +59,8 @@ def test_depth_growth_preserves_the_function_at_every_position(size, ch):
 def test_width_growth_preserves_the_function(size, ch, factor):
     net, x = _supernet(size, ch)
     grow_depth(net, 2)  # a residual cell too: it must follow its state's channel layout
+    with torch.no_grad():
+        net.cells[2].scale.uniform_(0.5, 1.5)  # as after training: the residual cell's output counts
     for sample in (Architecture(seed=2).sample("argmax"), Architecture(seed=3).sample("warmup")):
         ref = _out(net, x, sample)
         wide, _ = grow_width(net, factor)
@@ -132,6 +135,24 @@ def test_loss_across_an_event_is_continuous(tmp_path):
         assert abs(after - before) <= 0.01 * before, (kind, before, after)
         assert event["max_abs_diff"] < 1e-5 and event["params_after"] > event["params_before"]
         assert not t.steps.weight_step(x, y, "growth").skipped  # the grown network trains
+
+
+def test_an_event_that_changes_the_function_stops_with_a_clear_error(tmp_path, monkeypatch):
+    import engine.growth as growth
+    t = _trainer(tmp_path)
+    real = growth.grow_width
+
+    def broken(net, factor):  # a widening that is off by a little: what a bug in it would look like
+        wide, transforms = real(net, factor)
+        with torch.no_grad():
+            wide.classifier.bias.add_(1e-3)
+        return wide, transforms
+
+    monkeypatch.setattr(growth, "grow_width", broken)
+    net = t.net
+    with pytest.raises(TrainingError, match="growth event width changed the network.s output"):
+        growth.grow(t, "width")
+    assert t.net is net  # nothing adopted
 
 
 def test_smoke_search_with_growth_writes_event_records(tmp_path):
