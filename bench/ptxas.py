@@ -9,38 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
-import subprocess
-import tempfile
 
 import common  # noqa: F401  (puts the repo on sys.path)
 
 os.environ.pop("TRITON_INTERPRET", None)  # the compiler needs the real language, not the interpreter
 
-from kernels.mixed_sum import compile_for  # noqa: E402
+from kernels.mixed_sum import compile_for, find_ptxas, ptxas_report  # noqa: E402
 
-
-def ptxas_path() -> str:
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    found = bundled if os.path.exists(bundled) else shutil.which("ptxas")
-    if found is None:
-        raise SystemExit("bench/ptxas.py: error: no ptxas (Triton's bundled one is missing and none is on PATH)")
-    return found
-
-
-def assemble(ptxas: str, ptx: str, arch: str) -> tuple[str, str]:
-    target = arch + ("a" if arch == "sm_90" and ".target sm_90a" in ptx else "")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([ptxas, "-v", f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"bench/ptxas.py: error: ptxas rejected the {arch} kernel: {proc.stderr.strip()[:300]}")
-    return target, proc.stdout + proc.stderr
+COLUMNS = ["kernel", "target", "registers", "spill_stores", "spill_loads", "smem_bytes", "global_loads", "loads_128bit"]
 
 
 def main() -> None:
@@ -48,24 +24,18 @@ def main() -> None:
     p.add_argument("--capabilities", default="80,90")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    ptxas = ptxas_path()
+    ptxas = find_ptxas()
+    if ptxas is None:
+        raise SystemExit("bench/ptxas.py: error: no ptxas (Triton's bundled one is missing and none is on PATH)")
     records = []
     for cap in (int(c) for c in args.capabilities.split(",")):
         for name, kernel in compile_for(cap).items():
-            ptx = kernel.asm["ptx"]
-            target, report = assemble(ptxas, ptx, f"sm_{cap}")
-            loads = [line for line in ptx.splitlines() if "ld.global" in line]
-            wide = [line for line in loads if ".v4.b32" in line or ".v4.f32" in line]
-            spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-            records.append({
-                "kernel": name, "target": target,
-                "registers": int(re.findall(r"Used (\d+) registers", report)[-1]),
-                "spill_stores": sum(int(s) for s, _ in spills), "spill_loads": sum(int(ld) for _, ld in spills),
-                "smem_bytes": int((re.findall(r"(\d+) bytes smem", report) or ["0"])[-1]),
-                "global_loads": len(loads), "loads_128bit": len(wide)})
-    common.print_table(records, ["kernel", "target", "registers", "spill_stores", "spill_loads", "smem_bytes",
-                                 "global_loads", "loads_128bit"],
-                       title=f"mixed_sum kernels (fp32, K=8) assembled by {ptxas} -v")
+            try:
+                rep = ptxas_report(kernel.asm["ptx"], cap, ptxas)
+            except RuntimeError as e:
+                raise SystemExit(f"bench/ptxas.py: error: {e}")
+            records.append({"kernel": name, **{k: rep[k] for k in COLUMNS[1:]}})
+    common.print_table(records, COLUMNS, title=f"mixed_sum kernels (fp32, K=8) assembled by {ptxas} -v")
     common.write_json(args.json, records, bench="ptxas")
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from engine.arch import CELL_TYPES, SKIP
 from engine.config import preset
+from engine.network import count_parameters
 from engine.trainer import Trainer
 
 PHASES = ("warmup", "search", "optimize")
@@ -118,7 +119,7 @@ def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int) -> dic
             images += iteration()
         dt = time.perf_counter() - t0
         after = mon.totals() if mon else before
-        params = sum(p.numel() for p in (t.final_net if phase == "optimize" else t.net).parameters())
+        params = count_parameters(t.final_net if phase == "optimize" else t.net)
         steps_per_epoch = len(t.loaders["optimize" if phase == "optimize" else "train"])
     return {"phase": phase, "variant": variant, "it_s": round(iters / dt, 3), "images_s": round(images / dt, 1),
             "compile_s": round(compile_s, 1), "recompiles": after["recompiles"] - before["recompiles"],
@@ -159,7 +160,7 @@ def growth_run(cfg, events: list[str], iters: int) -> list[dict]:
                     t.steps.arch_step(*arch_batches[i], "growth")
             net = t.net
             rec = {"after": label, "cells": len(net.cells), "channels": net.spec.cells[0].c,
-                   "params": sum(p.numel() for p in net.parameters()), "it_s": round(iters / dt, 3),
+                   "params": count_parameters(net), "it_s": round(iters / dt, 3),
                    "gflop_per_it": round(counter.get_total_flops() / iters / 1e9, 3)}
             print(f"  {label:<12} {rec['it_s']:.3f} it/s  {rec['gflop_per_it']:.3f} GFLOP/it  "
                   f"{rec['params']:,} params", flush=True)

@@ -9,7 +9,7 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .data import Dataset, load_dataset, make_loader, make_splits, train_augment
 from .errors import CheckpointError
-from .network import NetSpec, Network
+from .network import NetSpec, Network, count_parameters
 from .steps import Steps
 
 
@@ -60,4 +60,4 @@ def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", da
         raise CheckpointError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
     loss, acc = steps.evaluate(loader, phase)
     return {"checkpoint": path, "split": split, "model": which, "samples": len(y), "loss": round(loss, 5),
-            "accuracy": round(acc, 5), "params": sum(p.numel() for p in net.parameters())}
+            "accuracy": round(acc, 5), "params": count_parameters(net)}

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import TrainingError
-from .network import CellSpec, Network
+from .network import CellSpec, Network, count_parameters
 from .ops import DilConv, FactorizedReduce, Identity, PoolBN, ReLUConvBN, SepConv, Zero
 
 # Largest output change a growth event may cause, measured as max|after - before| / max(1, max|before|): an
@@ -241,10 +241,6 @@ def transfer_optimizer_state(old_opt: torch.optim.Optimizer, new_opt: torch.opti
 
 
 # -------------------------------------------------------------------------------------------- policy
-def _params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
 def plan_event(trainer) -> str | None:
     """Which event (if any) the growth policy calls for at the start of this growth epoch: a scheduled one
     every `grow_every` epochs (the first at the start of the phase), or a plateau (val accuracy, over search
@@ -275,7 +271,7 @@ def _allowed(trainer, kind: str) -> bool:
         if 2 * math.ceil(c0 * cfg.grow_width_factor / 2) > cfg.max_channels:
             return False
         probe, _ = grow_width(trainer.net, cfg.grow_width_factor)
-    return _params(probe) <= cfg.max_params
+    return count_parameters(probe) <= cfg.max_params
 
 
 def maybe_grow(trainer) -> dict | None:
@@ -293,7 +289,7 @@ def grow(trainer, kind: str) -> dict:
     net = trainer.net
     probe = trainer.probe_batch()
     sample = trainer.arch.sample("argmax")
-    params_before = _params(net)
+    params_before = count_parameters(net)
     with nvtx_range("growth"):
         t0 = time.perf_counter()
         net.eval()
@@ -323,6 +319,6 @@ def grow(trainer, kind: str) -> dict:
         recompile = trainer.recompile_after_growth()
     spec = new_net.spec
     return {"event": f"grow_{kind}", "phase": "growth", "epoch": trainer.epoch, "global_epoch": trainer.global_epoch,
-            "step": trainer.global_step, "params_before": params_before, "params_after": _params(new_net),
+            "step": trainer.global_step, "params_before": params_before, "params_after": count_parameters(new_net),
             "max_abs_diff": diff, "rel_diff": rel_diff, "grow_s": round(grow_s, 3), "recompile_s": recompile["seconds"],
             "recompiles": recompile["recompiles"], "cells": len(spec.cells), "channels": spec.cells[0].c, **detail}

@@ -277,3 +277,41 @@ def compile_for(capability: int, dtype: str = "fp32", block: int = BLOCK, k: int
         src = ASTSource(fn=fn, signature=signature, constexprs={"K": k, "BLOCK": block}, attrs=attrs)
         out[name] = triton.compile(src, target=target, options={"num_warps": NUM_WARPS})
     return out
+
+
+def find_ptxas() -> str | None:
+    """Triton's bundled ptxas, else the one on PATH, else None."""
+    import shutil
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return bundled if os.path.exists(bundled) else shutil.which("ptxas")
+
+
+def ptxas_report(ptx: str, capability: int, ptxas: str) -> dict:
+    """Assemble `ptx` (from `compile_for(capability)`) with `ptxas -v`; returns the target, registers,
+    spill stores/loads and shared memory it reports, the PTX's global loads and how many are 128-bit,
+    and the raw report. Raises RuntimeError when ptxas rejects the PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    arch = f"sm_{capability}"
+    target = arch + ("a" if capability == 90 and ".target sm_90a" in ptx else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={target}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"ptxas rejected the {target} kernel: {proc.stderr.strip()[:300]}")
+    report = proc.stdout + proc.stderr
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    loads = [line for line in ptx.splitlines() if "ld.global" in line]
+    return {"target": target,
+            "registers": int(re.findall(r"Used (\d+) registers", report)[-1]),
+            "spill_stores": sum(int(s) for s, _ in spills), "spill_loads": sum(int(ld) for _, ld in spills),
+            "spill_reports": len(spills),
+            "smem_bytes": int((re.findall(r"(\d+) bytes smem", report) or ["0"])[-1]),
+            "global_loads": len(loads),
+            "loads_128bit": sum(".v4.b32" in line or ".v4.f32" in line for line in loads),
+            "report": report}
