@@ -285,8 +285,8 @@ class TensorLoader(_Loader):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        images = np.require(self.images, requirements="W")  # idx files are read into read-only buffers
-        self._images = _view(images).to(self.device).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+        # (N, C, H, W); `.contiguous()` makes the one copy (the idx readers' buffers are read-only)
+        self._images = _view(self.images).to(self.device).permute(0, 3, 1, 2).contiguous()
         self._labels = _view(self.labels).to(self.device)
         self._mean = torch.tensor(self.augment.mean, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(self.augment.std, device=self.device).view(1, -1, 1, 1)
