@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from .errors import ConfigError
-from .ops import PRIMITIVES
+from .ops import PARAMETER_FREE, PRIMITIVES
 
 CELL_TYPES = ("normal", "reduce")
 PHASES = ("warmup", "search", "growth", "optimize")
@@ -254,6 +255,27 @@ class Genotype:
             parsed[t] = pairs
         concat = list(range(2, 2 + nodes))
         return cls(parsed["normal"], concat, parsed["reduce"], list(concat))
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, nodes: int = 4) -> "Genotype":
+        """A genotype drawn uniformly from the space the search derives from: per node, two distinct inputs
+        among the states before it, and on each an op other than `none` (the random-architecture baseline
+        of Li & Talwalkar 2019 and Yang et al. 2020)."""
+        ops = [op for op in PRIMITIVES if op != "none"]
+        cells = {}
+        for t in CELL_TYPES:
+            pairs = []
+            for node in range(nodes):
+                for src in sorted(int(s) for s in rng.choice(2 + node, size=2, replace=False)):
+                    pairs.append((ops[int(rng.integers(len(ops)))], src))
+            cells[t] = pairs
+        concat = list(range(2, 2 + nodes))
+        return cls(cells["normal"], concat, cells["reduce"], list(concat))
+
+    def param_free_fraction(self) -> dict[str, float]:
+        """Share of each cell type's edges that carry a parameter-free op (pooling, skip_connect): 1.0 is the
+        collapse DARTS users report (AutoDL-Projects#58, PC-DARTS#21)."""
+        return {t: sum(op in PARAMETER_FREE for op, _ in getattr(self, t)) / len(getattr(self, t)) for t in CELL_TYPES}
 
     def to_json(self) -> dict:
         return {"normal": [list(x) for x in self.normal], "normal_concat": self.normal_concat,

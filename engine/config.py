@@ -75,11 +75,14 @@ class Config:
     optimize_data: str = "train+val"      # train+val: the whole official training set | train
     optimize_stem_stride: int = 0         # >0: train the derived network with this stem stride (search proxy
                                           # at low resolution, final network at full resolution); 0: as searched
+    optimize_channels: int = 0            # >0: the derived network's C (fresh init only; search narrow, train
+                                          # wide as DARTS does); 0: the supernet's (grown) width
     optimize_batch_size: int = 128
     optimize_lr: float = 0.05
     optimize_weight_decay: float = 3e-4
     label_smoothing: float = 0.0
     drop_path: float = 0.0
+    test_flip: bool = False               # final test of the derived network: mean logits of image and mirror
     # ---- growth
     grow_every: int = 1                   # epochs between scheduled growth events (0: none scheduled)
     grow_min_delta: float = 0.002         # plateau: val accuracy gains less than this ...
@@ -145,6 +148,10 @@ class Config:
         need(self.stem_stride in (1, 2), "stem_stride", "must be 1 or 2")
         need(self.crop_pad >= -1, "crop_pad", "must be -1 (the data set's default) or a padding in px")
         need(self.optimize_stem_stride in (0, 1, 2), "optimize_stem_stride", "must be 0 (as searched), 1 or 2")
+        need(self.optimize_channels >= 0 and self.optimize_channels % 2 == 0, "optimize_channels",
+             "must be 0 (the supernet's width) or an even channel count")
+        need(self.optimize_channels == 0 or self.optimize_init == "fresh", "optimize_channels",
+             "a derived network of another width starts from a fresh init: add --set optimize_init=fresh")
         need(self.max_skip >= -1, "max_skip", "must be -1 (no cap) or a count")
         for name in ("warmup_epochs", "search_epochs", "growth_epochs", "optimize_epochs"):
             need(getattr(self, name) >= 0, name, "a phase budget cannot be negative")

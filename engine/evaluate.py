@@ -58,6 +58,7 @@ def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", da
             phase, which = "derive", "genotype inside the supernet"
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
-    loss, acc = steps.evaluate(loader, phase)
+    # the derived network is tested as the run tested it (flip TTA when the config asks for it)
+    loss, acc = steps.evaluate(loader, phase, flip=cfg.test_flip and phase is None)
     return {"checkpoint": path, "split": split, "model": which, "samples": len(y), "loss": round(loss, 5),
             "accuracy": round(acc, 5), "params": count_parameters(net)}

@@ -213,19 +213,34 @@ class Network(nn.Module):
                 cell.drop_prob = prob
 
 
+def scale_spec(spec: NetSpec, channels: int) -> NetSpec:
+    """`spec` with the first cell at `channels` and every other width (stem, later cells) scaled alike, kept
+    even: a derived network trained wider than the supernet it was searched in (DARTS: search at C=16,
+    train at C=36). Growth's inserted cells and the wiring stay as they are."""
+    f = channels / spec.cells[0].c
+    even = lambda c: max(2, 2 * round(c * f / 2))  # noqa: E731  (factorized reductions split channels in two)
+    cells = [dataclasses.replace(c, c=even(c.c)) for c in spec.cells]
+    return dataclasses.replace(spec, stem_channels=max(1, round(spec.stem_channels * f)), cells=cells)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 def derive(supernet: Network, genotype: Genotype, transfer: bool = True, stem_stride: int | None = None,
-           open_gates: bool = True) -> Network:
+           open_gates: bool = True, channels: int | None = None) -> Network:
     """Build the derived network of `genotype` on the supernet's (possibly grown) spec. With `transfer`,
     the stem, preprocessing, classifier and each chosen op start from the supernet's weights (non-affine
     search BatchNorms become affine ones with weight 1, bias 0: the same function). `stem_stride` trains
     the derived network at another resolution than the search ran at; every weight keeps its shape.
     `open_gates` resets the output scales of gated ops to 1 (see `_open_gates`); without it the derived
-    network computes exactly what the supernet computes at the genotype."""
+    network computes exactly what the supernet computes at the genotype. `channels` (fresh init only) trains
+    the derived network at another width (`scale_spec`)."""
     spec = supernet.spec if stem_stride is None else dataclasses.replace(supernet.spec, stem_stride=stem_stride)
+    if channels is not None and channels != spec.cells[0].c:
+        if transfer:
+            raise ValueError("a derived network of another width than the supernet cannot take its weights")
+        spec = scale_spec(spec, channels)
     net = Network(spec, genotype).to(next(supernet.parameters()).device)
     if not transfer:
         return net
@@ -274,4 +289,4 @@ def _op_index(cell: DerivedCell, edge: int) -> int:
 
 
 __all__ = ["CELL_TYPES", "Cell", "CellSpec", "DerivedCell", "NetSpec", "Network", "SearchCell",
-           "count_parameters", "darts_spec", "derive"]
+           "count_parameters", "darts_spec", "derive", "scale_spec"]

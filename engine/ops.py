@@ -15,7 +15,10 @@ from torch import nn
 
 PRIMITIVES = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
               "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
-PARAMETER_FREE = ("none", "max_pool_3x3", "avg_pool_3x3")  # skip_connect has weights at stride 2
+# Ops with no learned transform of their own, as DARTS papers count them when they report the collapse to
+# parameter-free cells: pooling and skip_connect (the identity at stride 1; at stride 2 a FactorizedReduce,
+# which the literature still counts as a skip).
+PARAMETER_FREE = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")
 
 
 def zeros_like_layout(ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -222,20 +222,26 @@ class Steps:
         return torch.compiler.set_stance("force_eager") if self.compiling else contextlib.nullcontext()
 
     @torch.no_grad()
-    def evaluate(self, loader, phase: str | None = None) -> tuple[float, float]:
+    def evaluate(self, loader, phase: str | None = None, flip: bool = False) -> tuple[float, float]:
         """(mean loss, accuracy) in eval mode. The supernet is evaluated at `phase`'s constant weights
-        ("warmup": all skip_connect, "argmax": most likely ops, "derive": the genotype)."""
+        ("warmup": all skip_connect, "argmax": most likely ops, "derive": the genotype). `flip`: test-time
+        augmentation, the mean of the logits of each image and its mirror (for networks trained with flips)."""
         self.net.eval()
         sample = self.arch.sample(phase) if self.net.is_supernet else None
         total_loss, correct, count = 0.0, 0, 0
         with self._eager():
             for x, y in loader:
-                out = self.net(self._input(x), sample) if sample is not None else self.net(self._input(x))
+                out = self._eval_forward(x, sample)
+                if flip:
+                    out = 0.5 * (out + self._eval_forward(x.flip(-1), sample))
                 total_loss += float(F.cross_entropy(out, y, reduction="sum"))
                 correct += int((out.argmax(1) == y).sum())
                 count += len(y)
         self.net.train()
         return total_loss / max(count, 1), correct / max(count, 1)
+
+    def _eval_forward(self, x: torch.Tensor, sample) -> torch.Tensor:
+        return self.net(self._input(x), sample) if sample is not None else self.net(self._input(x))
 
     @torch.no_grad()
     def recalibrate_bn(self, loader, batches: int, phase: str | None = None) -> None:

@@ -164,7 +164,7 @@ class Trainer:
     def _build_final(self, genotype: Genotype) -> None:
         cfg = self.cfg
         net = derive(self.net, genotype, transfer=cfg.optimize_init == "supernet",
-                     stem_stride=cfg.optimize_stem_stride or None)
+                     stem_stride=cfg.optimize_stem_stride or None, channels=cfg.optimize_channels or None)
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.final_net = net
@@ -360,6 +360,7 @@ class Trainer:
                 val_loss, val_acc = steps.evaluate(self.loaders["val"])
         images = sums["count"] + sums["arch_count"]
         stats = self.arch.statistics()
+        genotype = self.arch.genotype()
         model = self.net if supernet else self.final_net
         record = {
             "phase": phase, "epoch": self.epoch + 1, "epochs": self._epochs(phase), "global_epoch": self.global_epoch + 1,
@@ -373,13 +374,12 @@ class Trainer:
             "images_s": _r(images / train_s, 1), "epoch_s": _r(train_s, 2),
             "params": count_parameters(model), "cells": len(model.cells), "channels": model.spec.cells[0].c,
             "skipped_steps": self.skipped, "nan_events": stats["nan_events"], **self._compile_totals(),
-            "genotype": str(self.arch.genotype()),
+            "genotype": str(genotype), "param_free": genotype.param_free_fraction(),
         }
         if searching:
             record["histogram"] = {t: stats[f"{t}_histogram"] for t in ("normal", "reduce")}
-            write_json(os.path.join(self.out, "genotype.json"), self.arch.genotype().to_json())
-        elif phase == "warmup":
-            write_json(os.path.join(self.out, "genotype.json"), self.arch.genotype().to_json())
+        if supernet:
+            write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
         return record
 
     def _compile_totals(self) -> dict:
@@ -446,7 +446,7 @@ class Trainer:
                 test_loss, test_acc = steps.evaluate(self.loaders["test"], "derive")
                 model = self.net
             else:
-                test_loss, test_acc = steps.evaluate(self.loaders["test"])
+                test_loss, test_acc = steps.evaluate(self.loaders["test"], flip=self.cfg.test_flip)
                 model = net
         genotype = net.genotype if net is not None else self.arch.genotype()
         final = {"test_acc": round(test_acc, 5), "test_loss": round(test_loss, 5), "params": count_parameters(model),

@@ -191,3 +191,37 @@ def test_bad_genotypes_are_rejected_with_the_reason(tmp_path, bad, needle):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         Genotype.load(str(path))
+
+
+def test_random_genotypes_are_valid_seeded_and_uniform():
+    import numpy as np
+    draws = [Genotype.random(np.random.default_rng([7, i])) for i in range(400)]
+    assert Genotype.random(np.random.default_rng([7, 0])) == draws[0]  # seeded: the same draw again
+    assert len({str(g) for g in draws}) == len(draws)
+    op_counts = dict.fromkeys(PRIMITIVES, 0)
+    input_counts = [[0] * (2 + node) for node in range(4)]
+    for g in draws:
+        assert Genotype.from_json(g.to_json()) == g  # a valid DARTS genotype
+        for t in CELL_TYPES:
+            pairs = getattr(g, t)
+            for node in range(4):
+                (_, a), (_, b) = pairs[2 * node: 2 * node + 2]
+                assert a != b and 0 <= a < b < 2 + node  # two distinct earlier states
+                input_counts[node][a] += 1
+                input_counts[node][b] += 1
+            for op, _ in pairs:
+                op_counts[op] += 1
+    assert op_counts["none"] == 0
+    expected = 400 * 2 * 8 / 7  # 6,400 edges over the 7 ops other than none
+    assert all(abs(op_counts[op] - expected) < 0.1 * expected for op in PRIMITIVES if op != "none"), op_counts
+    for node, counts in enumerate(input_counts):  # each earlier state is an input equally often
+        share = 400 * 2 * 2 / (2 + node)
+        assert all(abs(c - share) < 0.15 * share for c in counts), (node, counts)
+
+
+def test_param_free_fraction():
+    g = Genotype.from_json({"normal": [["skip_connect", 0], ["sep_conv_3x3", 1], ["max_pool_3x3", 0], ["dil_conv_3x3", 2],
+                                       ["avg_pool_3x3", 1], ["sep_conv_5x5", 2], ["dil_conv_5x5", 0], ["sep_conv_3x3", 4]],
+                            "normal_concat": [2, 3, 4, 5],
+                            "reduce": [["skip_connect", 0], ["skip_connect", 1]] * 4, "reduce_concat": [2, 3, 4, 5]})
+    assert g.param_free_fraction() == {"normal": 3 / 8, "reduce": 1.0}

@@ -39,6 +39,8 @@ def test_overrides_are_typed():
     ("channels=7", "channels"),
     ("hard=maybe", "hard"),
     ("layers=two", "layers"),
+    ("optimize_channels=9", "optimize_channels"),
+    ("optimize_channels=16", "optimize_channels"),  # another width cannot take the supernet's weights
     ("no_such_field=1", "no_such_field"),
 ])
 def test_invalid_values_name_the_field(capsys, tmp_path, assignment, field):

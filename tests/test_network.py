@@ -189,6 +189,21 @@ def test_derived_network_forward_backward_and_weight_transfer():
     assert not torch.equal(fresh.stem[0].weight, net.stem[0].weight)
 
 
+def test_derived_network_at_another_width():
+    net, x = _net(layers=4)
+    g = Architecture(seed=4).genotype()
+    narrow = derive(net, g, transfer=False)
+    wide = derive(net, g, transfer=False, channels=2 * net.spec.cells[0].c)
+    assert wide.spec.stem_channels == 2 * net.spec.stem_channels
+    assert [c.c for c in wide.spec.cells] == [2 * c.c for c in net.spec.cells]
+    assert [(c.inputs, c.output, c.reduction) for c in wide.spec.cells] == \
+        [(c.inputs, c.output, c.reduction) for c in net.spec.cells]
+    assert count_parameters(wide) > 2 * count_parameters(narrow)
+    assert wide(x).shape == narrow(x).shape
+    with pytest.raises(ValueError, match="width"):
+        derive(net, g, transfer=True, channels=2 * net.spec.cells[0].c)
+
+
 def test_drop_path_only_in_training():
     net, x = _net()
     derived = derive(net, Genotype.from_json({"normal": [["sep_conv_3x3", 0]] * 8, "normal_concat": [2, 3, 4, 5],

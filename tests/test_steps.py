@@ -169,3 +169,25 @@ def test_static_weight_steps_replay_as_cuda_graphs(tmp_path):
     assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
     from torch._inductor import cudagraph_trees
     assert cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False) is not None
+
+
+def test_flip_evaluation_averages_the_logits_of_image_and_mirror():
+    import torch.nn.functional as F
+    from engine.arch import Genotype
+    from engine.network import Network, darts_spec
+    from engine.steps import Steps
+    g = Genotype.from_json({t: [["sep_conv_3x3", 0], ["max_pool_3x3", 1]] * 4 for t in ("normal", "reduce")}
+                           | {"normal_concat": [2, 3, 4, 5], "reduce_concat": [2, 3, 4, 5]})
+    net = Network(darts_spec(1, 10, 4, 3), g)
+    steps = Steps(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    x, y = torch.randn(37, 1, 12, 12), torch.randint(0, 10, (37,))
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    net.eval()
+    with torch.no_grad():
+        mean = 0.5 * (net(x) + net(x.flip(-1)))
+    loss, acc = steps.evaluate(batches, flip=True)
+    assert acc == pytest.approx(float((mean.argmax(1) == y).float().mean()))
+    assert loss == pytest.approx(float(F.cross_entropy(mean, y)), rel=1e-5)
+    # the mean over both views does not depend on which view the loader gives
+    assert steps.evaluate([(x.flip(-1), y)], flip=True) == pytest.approx((loss, acc), rel=1e-5)
+    assert steps.evaluate(batches) != pytest.approx((loss, acc), rel=1e-5)

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from engine.arch import Genotype
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.config import preset
@@ -60,6 +61,10 @@ def test_run_directory_contents(smoke_run):
     epochs = [r for r in records if "event" not in r and r.get("phase") in ("warmup", "search", "growth", "optimize")]
     assert [r["event"] for r in records if "event" in r] == ["grow_depth"]  # the smoke preset grows once
     assert [r["phase"] for r in epochs] == ["warmup", "search", "growth", "optimize"]
+    for r in epochs:  # the parameter-free share of the current genotype, per cell type, every epoch
+        assert set(r["param_free"]) == {"normal", "reduce"} and all(0 <= v <= 1 for v in r["param_free"].values())
+    searched = Genotype.from_json(json.loads((out / "final.json").read_text())["genotype"])
+    assert epochs[-2]["param_free"] == searched.param_free_fraction()  # the last search epoch's genotype
     for r in epochs:
         for key in ("epoch", "train_loss", "train_acc", "val_acc", "mean_entropy", "tau", "it_s", "images_s",
                     "elapsed_s", "params"):

@@ -1,0 +1,214 @@
+"""Does the search help? Searched genotypes against random ones from the same space, trained identically.
+
+    python bench/search_quality.py --preset fashion-mnist --random 8 --search-seeds 0,1 --epochs 1 \
+        --train-set channels=16 --json bench/results/search_quality.json
+    python bench/search_quality.py --quick      # synthetic data, tiny network: what the test suite runs
+
+The protocol of Yang et al. 2020 ("NAS evaluation is frustratingly hard") and Li & Talwalkar 2019, in small:
+- N genotypes drawn uniformly from the space the search derives from (`Genotype.random`: per node two distinct
+  inputs, ops other than `none`), seeded by --random-seed;
+- the genotypes found by S search runs of the preset (its warmup, search and growth phases, one run per seed
+  in --search-seeds), and any --genotype FILE (a finished run's genotype.json or final.json, e.g. `make run`'s);
+- every one trained from a fresh init with one recipe: the preset's optimize phase for --epochs epochs, with
+  the --train-set overrides, once per training seed in --train-seeds.
+Printed and written (JSON): per architecture the test accuracy (mean over training seeds), parameters and
+train time; then the random mean +- sd, each searched genotype's rank among the random ones (1 = better than
+all of them) and its relative improvement RI = 100 x (acc_searched - mean_random) / mean_random.
+
+Every finished search and training is kept in --work as one JSON file keyed by its full config, so an
+interrupted protocol continues where it stopped, and `--shard K/N` splits the work between processes (run
+the shards, then once without --shard to collect the table).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from common import print_table, write_json
+
+from engine.arch import Genotype
+from engine.config import Config, preset
+from engine.errors import AsoseError
+from engine.trainer import Trainer
+
+QUICK = dict(preset="smoke", random=3, search_seeds="0", train_seeds="0", epochs=1.0, train_set=[])
+TRAIN_ONLY = ["warmup_epochs=0", "search_epochs=0", "growth_epochs=0", "optimize_init=fresh"]
+
+
+def _key(*parts) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _cached(work: str, name: str, key: str, compute) -> dict:
+    """The record stored under work/<name>-<key>.json, computed (and stored atomically) when missing."""
+    path = os.path.join(work, f"{name}-{key}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    record = compute(os.path.join(work, f"{name}-{key}"))
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def _log(prefix: str):
+    return lambda msg: print(f"[{prefix}] {msg}", flush=True)
+
+
+def search(cfg: Config, seed: int, work: str) -> dict:
+    """The genotype one search run of `cfg` finds: its warmup, search and growth phases, no optimize."""
+    c = cfg.override([f"seed={seed}", "optimize_epochs=0"])
+
+    def run(run_dir: str) -> dict:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        final = Trainer(c, run_dir, log=_log(f"search seed {seed}")).run()
+        return {"seed": seed, "genotype": final["genotype"], "search_s": final["wall_s"]}
+    return _cached(work, f"search-seed{seed}", _key(c.to_json()), run)
+
+
+def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str) -> dict:
+    """Test accuracy of `genotype` trained from a fresh init with the recipe `cfg` and training seed `seed`."""
+    c = cfg.override([f"seed={seed}"])
+
+    def run(run_dir: str) -> dict:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        final = Trainer(c, run_dir, genotype=genotype, log=_log(f"{name} seed {seed}")).run()
+        return {"test_acc": final["test_acc"], "params": final["params"], "train_s": final["wall_s"]}
+    return _cached(work, f"train-{name}-seed{seed}", _key(c.to_json(), genotype.to_json()), run)
+
+
+def summarize(random_accs: list[float], searched: dict[str, float]) -> dict:
+    """Random mean and sample sd; per searched genotype its rank among the random ones, its gap in random sds
+    and its relative improvement over the random mean (Yang et al. 2020)."""
+    mean = statistics.fmean(random_accs)
+    sd = statistics.stdev(random_accs) if len(random_accs) > 1 else 0.0
+    out = {"random_mean": mean, "random_sd": sd, "random_n": len(random_accs), "searched": {}}
+    for name, acc in searched.items():
+        out["searched"][name] = {
+            "test_acc": acc, "rank": 1 + sum(r > acc for r in random_accs), "of": len(random_accs) + 1,
+            "sds_above_mean": (acc - mean) / sd if sd > 0 else None,
+            "ri": 100.0 * (acc - mean) / mean, "beats_mean_by_one_sd": acc > mean + sd}
+    return out
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        k, n = (int(v) for v in text.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"search_quality: --shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/2") from None
+    return k, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="fashion-mnist")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the searches and the training recipe")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the training recipe only (e.g. channels=16)")
+    p.add_argument("--random", type=int, default=8, help="random genotypes (N)")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of the random genotypes")
+    p.add_argument("--search-seeds", default="0,1", help="comma-separated seeds of the search runs ('' for none)")
+    p.add_argument("--genotype", action="append", default=[], metavar="FILE",
+                   help="a searched genotype found elsewhere (genotype.json or final.json), repeatable")
+    p.add_argument("--train-seeds", default="0", help="comma-separated training seeds, the same for every genotype")
+    p.add_argument("--epochs", type=float, default=1.0, help="training epochs per genotype")
+    p.add_argument("--work", default="runs/search-quality", help="where searches and trainings are kept")
+    p.add_argument("--shard", default=None, help="K/N: do only every N-th piece of work, starting at K")
+    p.add_argument("--quick", action="store_true", help="synthetic data and a tiny network (the test suite's run)")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    shard, shards = _parse_shard(args.shard)
+    try:
+        base = preset(args.preset).override(args.overrides)
+        recipe = base.override(TRAIN_ONLY + [f"optimize_epochs={args.epochs}"] + args.train_set)
+        search_seeds = [int(s) for s in args.search_seeds.split(",") if s.strip()]
+        train_seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
+        if not train_seeds:
+            raise SystemExit("search_quality: --train-seeds needs at least one seed")
+        rng = np.random.default_rng(args.random_seed)
+        candidates = [(f"random{i}", "random", Genotype.random(rng, base.nodes)) for i in range(args.random)]
+        candidates += [(f"file{i}", "searched", Genotype.load(path)) for i, path in enumerate(args.genotype)]
+        os.makedirs(args.work, exist_ok=True)
+
+        # one list of work, so shards split searches and trainings alike
+        jobs = [("search", seed) for seed in search_seeds]
+        jobs += [("train", c, seed) for c in candidates for seed in train_seeds]
+        jobs += [("train-searched", seed, ts) for seed in search_seeds for ts in train_seeds]
+        t0 = time.perf_counter()
+        for i, job in enumerate(jobs):
+            if i % shards != shard:
+                continue
+            if job[0] == "search":
+                search(base, job[1], args.work)
+            elif job[0] == "train":
+                (name, _, g), seed = job[1], job[2]
+                train(recipe, name, g, seed, args.work)
+            else:
+                found = search(base, job[1], args.work)  # cached when this shard or another already ran it
+                train(recipe, f"search{job[1]}", Genotype.from_json(found["genotype"]), job[2], args.work)
+        if shards > 1:
+            print(f"shard {shard}/{shards} done in {time.perf_counter() - t0:.0f}s; run again without --shard "
+                  f"to collect the table")
+            return 0
+        for seed in search_seeds:
+            candidates.append((f"search{seed}", "searched",
+                               Genotype.from_json(search(base, seed, args.work)["genotype"])))
+        rows = []
+        for name, kind, g in candidates:
+            runs = [train(recipe, name, g, seed, args.work) for seed in train_seeds]
+            rows.append({"name": name, "kind": kind, "test_acc": statistics.fmean(r["test_acc"] for r in runs),
+                         "params": runs[0]["params"], "train_s": sum(r["train_s"] for r in runs) / len(runs),
+                         "param_free_normal": g.param_free_fraction()["normal"],
+                         "param_free_reduce": g.param_free_fraction()["reduce"],
+                         "per_seed": [r["test_acc"] for r in runs], "genotype": str(g), "genotype_json": g.to_json()})
+    except AsoseError as e:
+        print(f"search_quality: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+    random_accs = [r["test_acc"] for r in rows if r["kind"] == "random"]
+    summary = summarize(random_accs, {r["name"]: r["test_acc"] for r in rows if r["kind"] == "searched"}) \
+        if random_accs else None
+    for r in rows:
+        s = summary["searched"].get(r["name"]) if summary else None
+        r["rank"] = f"{s['rank']}/{s['of']}" if s else None
+        r["ri"] = round(s["ri"], 3) if s else None
+    print_table([{**r, "test_acc": 100 * r["test_acc"]} for r in rows],
+                ["name", "kind", "test_acc", "params", "train_s", "param_free_normal", "param_free_reduce", "rank",
+                 "ri"], title=f"search quality: {args.preset}, {args.epochs:g} training epoch(s), training seeds "
+                              f"{train_seeds}")
+    if summary:
+        print(f"random: {100 * summary['random_mean']:.2f} +- {100 * summary['random_sd']:.2f}% "
+              f"(n={summary['random_n']})")
+        for name, s in summary["searched"].items():
+            gap = "-" if s["sds_above_mean"] is None else f"{s['sds_above_mean']:+.2f}"
+            print(f"{name}: {100 * s['test_acc']:.2f}%  rank {s['rank']}/{s['of']}  RI {s['ri']:+.3f}  "
+                  f"{gap} sd from the random mean  -> {'beats' if s['beats_mean_by_one_sd'] else 'does not beat'} "
+                  f"the random mean by one sd")
+    write_json(args.json, rows, protocol={
+        "preset": args.preset, "overrides": args.overrides, "train_set": args.train_set, "epochs": args.epochs,
+        "random": args.random, "random_seed": args.random_seed, "search_seeds": search_seeds,
+        "train_seeds": train_seeds, "genotype_files": args.genotype, "recipe": recipe.to_json(),
+        "command": " ".join(["python", "bench/search_quality.py", *(argv if argv is not None else sys.argv[1:])])},
+        summary=summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

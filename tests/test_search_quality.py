@@ -1,0 +1,64 @@
+"""bench/search_quality.py: the searched-against-random protocol, run in its --quick form on synthetic data."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+@pytest.fixture(scope="module")
+def sq():
+    sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location("search_quality", os.path.join(BENCH, "search_quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_statistics(sq):
+    random_accs = [0.90, 0.92, 0.91, 0.89]  # mean 0.905, sample sd 0.0129
+    s = sq.summarize(random_accs, {"a": 0.925, "b": 0.91, "c": 0.85})
+    assert s["random_mean"] == pytest.approx(0.905) and s["random_sd"] == pytest.approx(0.012910, abs=1e-6)
+    a, b, c = s["searched"]["a"], s["searched"]["b"], s["searched"]["c"]
+    assert (a["rank"], b["rank"], c["rank"]) == (1, 2, 5) and a["of"] == 5
+    assert a["ri"] == pytest.approx(100 * 0.02 / 0.905)
+    assert a["beats_mean_by_one_sd"] and not b["beats_mean_by_one_sd"] and not c["beats_mean_by_one_sd"]
+    assert c["sds_above_mean"] == pytest.approx((0.85 - 0.905) / 0.012910, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, tmp_path, monkeypatch, capsys):
+    work, out = tmp_path / "work", tmp_path / "sq.json"
+    assert sq.main(["--quick", "--work", str(work), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["records"]
+    assert [r["kind"] for r in rows] == ["random"] * 3 + ["searched"]
+    assert len({r["genotype"] for r in rows}) == 4
+    for r in rows:
+        assert 0 <= r["test_acc"] <= 1 and r["params"] > 0 and r["train_s"] > 0
+    accs = [r["test_acc"] for r in rows if r["kind"] == "random"]
+    summary = data["summary"]
+    assert summary["random_mean"] == pytest.approx(sum(accs) / 3)
+    searched = rows[-1]
+    assert summary["searched"]["search0"]["rank"] == 1 + sum(a > searched["test_acc"] for a in accs)
+    assert data["protocol"]["recipe"]["optimize_init"] == "fresh"
+    assert data["protocol"]["recipe"]["warmup_epochs"] == 0 and data["protocol"]["recipe"]["search_epochs"] == 0
+
+    # a second run finds every search and training in --work and trains nothing again
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the result was kept in --work")
+    monkeypatch.setattr(sq, "Trainer", no_training)
+    assert sq.main(["--quick", "--work", str(work), "--json", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert [r["test_acc"] for r in again["records"]] == [r["test_acc"] for r in rows]
+    assert "rank" in capsys.readouterr().out
+
+
+def test_bad_shard_is_one_line(sq, tmp_path):
+    with pytest.raises(SystemExit, match="--shard"):
+        sq.main(["--quick", "--work", str(tmp_path), "--shard", "2/2"])
