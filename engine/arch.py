@@ -60,13 +60,15 @@ class ArchState:
 class Architecture(nn.Module):
     def __init__(self, nodes: int = 4, *, init_std: float = 0.5, none_init: float = -2.0, skip_init: float = 1.0,
                  hard: bool = True, skip_threshold: float = 0.0, dominant_threshold: float = 1.0,
-                 keep_threshold: float = 1.0, max_skip: int | None = None, seed: int = 0):
+                 keep_threshold: float = 1.0, max_skip: int | None = None, max_skip_reduce: int | None = None,
+                 seed: int = 0):
         super().__init__()
         self.nodes = nodes
         self.edges = num_edges(nodes)
         self.init_std, self.none_init, self.skip_init = init_std, none_init, skip_init
         self.hard = hard
         self.max_skip = max_skip  # cap on skip_connect in the derived normal cell (None: no cap)
+        self.max_skip_reduce = max_skip_reduce  # ... and in the derived reduction cell
         self.skip_threshold, self.dominant_threshold, self.keep_threshold = skip_threshold, dominant_threshold, keep_threshold
         g = torch.Generator().manual_seed(seed)
         self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(g)) for t in CELL_TYPES})
@@ -201,7 +203,8 @@ class Architecture(nn.Module):
         return out
 
     def genotype(self) -> "Genotype":
-        return Genotype.from_probabilities({t: self.probabilities(t) for t in CELL_TYPES}, self.nodes, self.max_skip)
+        return Genotype.from_probabilities({t: self.probabilities(t) for t in CELL_TYPES}, self.nodes, self.max_skip,
+                                           self.max_skip_reduce)
 
 
 # --------------------------------------------------------------------------------------- temperature
@@ -229,13 +232,15 @@ class Genotype:
 
     @classmethod
     def from_probabilities(cls, probs: dict[str, torch.Tensor], nodes: int = 4,
-                           max_skip: int | None = None) -> "Genotype":
+                           max_skip: int | None = None, max_skip_reduce: int | None = None) -> "Genotype":
         """The DARTS rule: for each node keep the two incoming edges whose best non-`none` weight is largest,
         and on each the best non-`none` op. `max_skip` caps skip_connect in the normal cell (P-DARTS): while
         there are more, the chosen skip with the smallest weight is ruled out on its edge and the cell is
-        derived again, so that edge falls back to its best other op (or loses its place to another edge)."""
+        derived again, so that edge falls back to its best other op (or loses its place to another edge).
+        `max_skip_reduce` does the same in the reduction cell."""
         parsed = {}
         for t in CELL_TYPES:
+            cap = max_skip if t == "normal" else max_skip_reduce
             p = probs[t].clone()
             p[:, NONE] = -1.0
             while True:
@@ -248,7 +253,7 @@ class Genotype:
                         pairs.append((PRIMITIVES[int(p[e].argmax())], s))
                         edges.append(e)
                 skips = [e for (op, _), e in zip(pairs, edges) if op == "skip_connect"]
-                if t != "normal" or max_skip is None or len(skips) <= max_skip:
+                if cap is None or len(skips) <= cap:
                     break
                 weakest = min(skips, key=lambda e: (float(p[e, SKIP]), e))
                 p[weakest, SKIP] = -1.0

@@ -51,10 +51,14 @@ class Config:
     search_tau_start: float | None = None  # None: tau_max
     growth_tau_start: float | None = None  # None: go on from where search stopped
     max_skip: int = 2                     # skip_connects allowed in the derived normal cell (P-DARTS); -1: no cap
+    max_skip_reduce: int = -1             # ... and in the derived reduction cell
     logit_noise: float = 0.0              # std of noise added to the logits at each phase change
     handover_bias: float = 5.0            # search starts sampling with this bias on skip_connect's logit ...
     handover_epochs: float = 1.0          # ... decaying linearly to 0 over these epochs (no collapse at the switch)
     arch_every: int = 1                   # one architecture step every `arch_every` weight steps
+    arch_start_epochs: float = 0.0        # search epochs of weight steps alone (architectures sampled, logits
+                                          # fixed) before the first architecture step: every op trains before
+                                          # ops are compared (the warm-up of P-DARTS / PC-DARTS)
     arch_lr: float = 3e-4
     arch_weight_decay: float = 1e-3
     # ---- weights
@@ -153,6 +157,7 @@ class Config:
         need(self.optimize_channels == 0 or self.optimize_init == "fresh", "optimize_channels",
              "a derived network of another width starts from a fresh init: add --set optimize_init=fresh")
         need(self.max_skip >= -1, "max_skip", "must be -1 (no cap) or a count")
+        need(self.max_skip_reduce >= -1, "max_skip_reduce", "must be -1 (no cap) or a count")
         for name in ("warmup_epochs", "search_epochs", "growth_epochs", "optimize_epochs"):
             need(getattr(self, name) >= 0, name, "a phase budget cannot be negative")
         for name in ("train_subset", "eval_samples", "steps_per_epoch", "grow_every", "grow_patience",
@@ -169,6 +174,8 @@ class Config:
             need(getattr(self, name) > 0, name, "learning rates must be positive")
         need(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, lr={self.lr}]")
         need(self.handover_epochs >= 0, "handover_epochs", "cannot be negative")
+        need(0 <= self.arch_start_epochs <= self.search_epochs, "arch_start_epochs",
+             f"must be in [0, search_epochs={self.search_epochs}]")
         for name in ("init_std", "weight_decay", "optimize_weight_decay", "arch_weight_decay", "grad_clip",
                      "logit_noise", "grow_min_delta"):
             need(getattr(self, name) >= 0, name, "cannot be negative")

@@ -29,6 +29,7 @@ def build_architecture(cfg: Config, device: torch.device | str = "cpu") -> Archi
     return Architecture(cfg.nodes, init_std=cfg.init_std, none_init=cfg.none_init, skip_init=cfg.skip_init,
                         hard=cfg.hard, skip_threshold=cfg.skip_threshold, dominant_threshold=cfg.dominant_threshold,
                         keep_threshold=cfg.keep_threshold, max_skip=None if cfg.max_skip < 0 else cfg.max_skip,
+                        max_skip_reduce=None if cfg.max_skip_reduce < 0 else cfg.max_skip_reduce,
                         seed=cfg.seed).to(device)
 
 

@@ -206,7 +206,20 @@ class Trainer:
         """(architecture steps in search, in growth)."""
         n = [sum(self._steps_in_epoch(p, e) for e in range(self._epochs(p))) // self.cfg.arch_every
              for p in ("search", "growth")]
-        return n[0], n[1]
+        return n[0] - self._arch_start_steps() // self.cfg.arch_every, n[1]
+
+    def _arch_start_steps(self) -> int:
+        """Weight steps of the search phase before its first architecture step (`arch_start_epochs`)."""
+        start, steps = self.cfg.arch_start_epochs, 0
+        for e in range(self._epochs("search")):
+            if start <= e:
+                break
+            n = self._steps_in_epoch("search", e)
+            steps += n if start >= e + 1 else int(round(n * (start - e)))
+        return steps
+
+    def _arch_active(self, phase: str, epochs_done: float) -> bool:
+        return phase == "growth" or epochs_done >= self.cfg.arch_start_epochs
 
     def _handover_bias(self, phase: str, epochs_done: float) -> float:
         """Sampling bias on skip_connect at the start of search, decaying linearly to 0: the sampled
@@ -321,10 +334,12 @@ class Trainer:
                 sums["loss"] += r.loss * r.count
                 sums["correct"] += r.correct
                 sums["count"] += r.count
-            if searching and (self.global_step + 1) % cfg.arch_every == 0:
+            if searching:  # the next step's sampling: temperature and hand-over bias
                 if cfg.tau_schedule == "exp":
                     self._update_tau(phase, self.epoch)
                 self.arch.skip_bias = self._handover_bias(phase, self.epoch + i / n_steps)
+            if searching and (self.global_step + 1) % cfg.arch_every == 0 and \
+                    self._arch_active(phase, self.epoch + i / n_steps):
                 xa, ya = next(arch_stream)
                 with nvtx_range("arch_step"):
                     ra = steps.arch_step(xa, ya, phase)

@@ -225,3 +225,28 @@ def test_param_free_fraction():
                             "normal_concat": [2, 3, 4, 5],
                             "reduce": [["skip_connect", 0], ["skip_connect", 1]] * 4, "reduce_concat": [2, 3, 4, 5]})
     assert g.param_free_fraction() == {"normal": 3 / 8, "reduce": 1.0}
+
+
+def test_skip_caps_in_each_cell_type():
+    # skip_connect is the best op on every edge of both cells; the second best is a conv with a lower weight
+    probs = {}
+    for t in CELL_TYPES:
+        p = torch.full((num_edges(4), len(PRIMITIVES)), 0.01)
+        p[:, SKIP] = torch.linspace(0.5, 0.6, num_edges(4))
+        p[:, PRIMITIVES.index("dil_conv_3x3")] = 0.3
+        probs[t] = p
+    uncapped = Genotype.from_probabilities(probs, 4)
+    assert all(op == "skip_connect" for op, _ in uncapped.normal + uncapped.reduce)
+    normal_only = Genotype.from_probabilities(probs, 4, max_skip=2)
+    assert sum(op == "skip_connect" for op, _ in normal_only.normal) == 2
+    assert normal_only.reduce == uncapped.reduce
+    both = Genotype.from_probabilities(probs, 4, max_skip=2, max_skip_reduce=1)
+    assert both.normal == normal_only.normal
+    assert sum(op == "skip_connect" for op, _ in both.reduce) == 1
+    # the skips kept are the strongest ones; the others fall back to their edge's next best op
+    assert {op for op, _ in both.reduce} == {"skip_connect", "dil_conv_3x3"}
+    arch = Architecture(max_skip=2, max_skip_reduce=1)
+    with torch.no_grad():
+        for t in CELL_TYPES:
+            arch.logits[t].copy_(probs[t].log())
+    assert arch.genotype() == both

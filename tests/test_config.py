@@ -40,6 +40,7 @@ def test_overrides_are_typed():
     ("hard=maybe", "hard"),
     ("layers=two", "layers"),
     ("optimize_channels=9", "optimize_channels"),
+    ("arch_start_epochs=5", "arch_start_epochs"),  # past the search phase's end
     ("optimize_channels=16", "optimize_channels"),  # another width cannot take the supernet's weights
     ("no_such_field=1", "no_such_field"),
 ])

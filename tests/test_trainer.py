@@ -271,3 +271,19 @@ def test_too_many_nan_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_pa
     code = main(["search", "--resume", str(out)])
     err = capsys.readouterr().err.strip()
     assert code == 3 and "nan_limit" in err and "last.pt" in err and len(err.splitlines()) == 1
+
+
+def test_architecture_steps_begin_after_arch_start_epochs(tmp_path):
+    cfg = preset("smoke").override(["search_epochs=2", "growth_epochs=0", "optimize_epochs=0",
+                                    "arch_start_epochs=1"])
+    trainer = Trainer(cfg, str(tmp_path), log=_quiet)
+    initial = {k: v.clone() for k, v in trainer.arch.state_dict().items()}
+    trainer.run()
+    search = [r for r in _metrics(tmp_path) if r.get("phase") == "search"]
+    steps_per_epoch = search[0]["step"] - [r for r in _metrics(tmp_path) if r.get("phase") == "warmup"][-1]["step"]
+    assert search[0]["arch_steps"] == 0 and search[0]["arch_acc"] is None  # weights alone in the first epoch
+    assert search[0]["genotype"] == str(Genotype.from_probabilities(
+        {t: torch.softmax(initial[f"logits.{t}"], 1) for t in ("normal", "reduce")}, 4, cfg.max_skip, None))
+    assert search[1]["arch_steps"] == steps_per_epoch  # then one architecture step per weight step
+    assert search[1]["tau"] == pytest.approx(cfg.tau_min)  # the temperature still anneals to its end
+    assert any(not torch.equal(v, trainer.arch.state_dict()[k]) for k, v in initial.items())
