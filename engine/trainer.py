@@ -375,8 +375,8 @@ class Trainer:
                 val_loss, val_acc = steps.evaluate(self.loaders["val"])
         images = sums["count"] + sums["arch_count"]
         stats = self.arch.statistics()
-        genotype = self.arch.genotype()
         model = self.net if supernet else self.final_net
+        genotype = self.arch.genotype() if supernet else model.genotype  # optimize: the network being trained
         record = {
             "phase": phase, "epoch": self.epoch + 1, "epochs": self._epochs(phase), "global_epoch": self.global_epoch + 1,
             "step": self.global_step, "arch_steps": self.arch_steps,

@@ -94,6 +94,8 @@ def test_train_command_trains_a_genotype_from_scratch(smoke_run, tmp_path):
                  str(tmp_path / "t")]) == 0
     records = _metrics(tmp_path / "t")
     assert [r["phase"] for r in records] == ["optimize", "final"]
+    trained = Genotype.load(str(out / "genotype.json"))
+    assert records[0]["genotype"] == str(trained) and records[0]["param_free"] == trained.param_free_fraction()
 
 
 # ------------------------------------------------------------------------------------------- resume
