@@ -35,12 +35,12 @@ import numpy as np
 from common import print_table, write_json
 
 from engine.arch import Genotype
+from engine.cli import TRAIN_ONLY
 from engine.config import Config, preset
 from engine.errors import AsoseError
 from engine.trainer import Trainer
 
 QUICK = dict(preset="smoke", random=3, search_seeds="0", train_seeds="0", epochs=1.0, train_set=[])
-TRAIN_ONLY = ["warmup_epochs=0", "search_epochs=0", "growth_epochs=0", "optimize_init=fresh"]
 
 
 def _key(*parts) -> str:
@@ -144,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("search_quality: --train-seeds needs at least one seed")
         rng = np.random.default_rng(args.random_seed)
         candidates = [(f"random{i}", "random", Genotype.random(rng, base.nodes)) for i in range(args.random)]
-        candidates += [(f"file{i}", "searched", Genotype.load(path)) for i, path in enumerate(args.genotype)]
+        for i, path in enumerate(args.genotype):  # named after the file (runs' genotype.json files get a number)
+            name = os.path.splitext(os.path.basename(path))[0]
+            name = name if sum(os.path.basename(p) == os.path.basename(path) for p in args.genotype) == 1 \
+                else f"{name}{i}"
+            candidates.append((name, "searched", Genotype.load(path)))
         os.makedirs(args.work, exist_ok=True)
 
         # one list of work, so shards split searches and trainings alike

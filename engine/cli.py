@@ -18,6 +18,8 @@ import sys
 
 from .errors import AsoseError, ConfigError
 
+# what `aso-se train` (and bench/search_quality.py) set on top of a preset: the optimize phase alone, fresh init
+TRAIN_ONLY = ["warmup_epochs=0", "search_epochs=0", "growth_epochs=0", "optimize_init=fresh"]
 EPILOG_FIELDS = "config fields (--set key=value): see engine/config.py or `aso-se search --list-fields`"
 
 
@@ -80,7 +82,7 @@ def cmd_train(args) -> int:
     from .arch import Genotype
     from .trainer import Trainer
     genotype = Genotype.load(args.genotype)
-    cfg = _config(args).override(["warmup_epochs=0", "search_epochs=0", "growth_epochs=0", "optimize_init=fresh"])
+    cfg = _config(args).override(TRAIN_ONLY)
     if args.epochs is not None:
         cfg = cfg.override([f"optimize_epochs={args.epochs}"])
     _check_fresh_out(args.out)

@@ -174,7 +174,8 @@ class Config:
             need(getattr(self, name) > 0, name, "learning rates must be positive")
         need(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, lr={self.lr}]")
         need(self.handover_epochs >= 0, "handover_epochs", "cannot be negative")
-        need(0 <= self.arch_start_epochs <= self.search_epochs, "arch_start_epochs",
+        need(self.arch_start_epochs >= 0, "arch_start_epochs", "cannot be negative")
+        need(self.search_epochs == 0 or self.arch_start_epochs <= self.search_epochs, "arch_start_epochs",
              f"must be in [0, search_epochs={self.search_epochs}]")
         for name in ("init_std", "weight_decay", "optimize_weight_decay", "arch_weight_decay", "grad_clip",
                      "logit_noise", "grow_min_delta"):

@@ -21,6 +21,13 @@ def test_presets_validate_and_differ():
     assert preset("smoke").dataset == "synthetic" and preset("fashion-mnist").dataset == "fashion-mnist"
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "smoke"])
+def test_every_preset_can_train_a_genotype_alone(name):
+    from engine.cli import TRAIN_ONLY
+    cfg = preset(name).override(TRAIN_ONLY)  # what `aso-se train` and bench/search_quality.py run
+    assert cfg.search_epochs == 0 and cfg.optimize_init == "fresh"
+
+
 def test_overrides_are_typed():
     cfg = preset("smoke").override(["search_epochs=2.5", "hard=false", "data_dir=/x", "max_cells=7",
                                     "search_tau_start=none", "tau_min=0.2"])
