@@ -103,7 +103,7 @@ def cmd_data(args) -> int:
     if args.batch_size is not None and args.batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
     dataset = load_dataset(args.dataset, args.data_dir)
-    print(describe(dataset, args.val_fraction, args.seed))
+    print(describe(dataset, args.val_fraction, args.seed, args.batch_size))
     return 0
 
 

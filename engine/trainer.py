@@ -501,7 +501,7 @@ class Trainer:
     def _restore(self, path: str) -> None:
         from .errors import CheckpointError
         state = load_checkpoint(path)
-        if state["config"] != self.cfg.to_json():
+        if _computed(state["config"]) != _computed(self.cfg.to_json()):
             raise CheckpointError(f"{path}: written with a different config than {self.out}/config.json; "
                                   f"resume without --set/--preset changes")
         try:
@@ -535,6 +535,14 @@ class Trainer:
         self.metrics.truncate(state["metrics_lines"])
         self.log(f"resumed {self.out} at {PHASES[min(self.phase_index, 3)]} epoch {self.epoch} "
                  f"(global epoch {self.global_epoch})")
+
+
+# config fields that change no result: a resume may set them differently (e.g. `--resume DIR --nvtx`)
+OBSERVATION_FIELDS = ("nvtx", "log_interval")
+
+
+def _computed(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in OBSERVATION_FIELDS}
 
 
 def _numpy_state() -> list:

@@ -344,3 +344,13 @@ def test_copying_fmnist_files_plain_also_reads(tmp_path, fashion_mnist):
             shutil.copyfileobj(src, dst)
     ds = read_fashion_mnist(str(tmp_path))
     np.testing.assert_array_equal(ds.test_labels, fashion_mnist.test_labels)
+
+
+def test_data_command_counts_batches_for_a_batch_size(capsys):
+    # --batch-size used to be parsed and ignored
+    assert main(["data", "--dataset", "synthetic", "--val-fraction", "0.25", "--batch-size", "100"]) == 0
+    out = capsys.readouterr().out
+    # synthetic: 2,048 training images (1,536 train, 512 val) and 512 test images
+    assert "batches      of 100: train 15 full + 1 of 36, val 5 full + 1 of 12, test 5 full + 1 of 12" in out
+    assert main(["data", "--dataset", "synthetic"]) == 0
+    assert "batches" not in capsys.readouterr().out

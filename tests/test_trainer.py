@@ -135,6 +135,14 @@ def test_damaged_checkpoint_stops_with_one_line_and_loses_nothing(tmp_path, caps
     assert before == after
 
 
+def test_resume_with_nvtx_profiling(tmp_path):
+    # --nvtx changes no result, so it may be switched on for a resumed run (it used to make the configs differ)
+    out = tmp_path / "run"
+    _run(preset("smoke"), out, stop_after=2)
+    assert main(["search", "--resume", str(out), "--nvtx"]) == 0
+    assert json.loads((out / "final.json").read_text())["epochs"] == 4
+
+
 def test_incompatible_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     _run(preset("smoke"), out, stop_after=1)

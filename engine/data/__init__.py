@@ -31,8 +31,9 @@ def train_augment(dataset: Dataset, flip: bool | None = None, pad: int = -1) -> 
                    flip=dataset.flip if flip is None else flip)
 
 
-def describe(dataset: Dataset, val_fraction: float, seed: int) -> str:
-    """Human-readable summary: split sizes, image shape, classes, per-channel mean/std."""
+def describe(dataset: Dataset, val_fraction: float, seed: int, batch_size: int | None = None) -> str:
+    """Human-readable summary: split sizes, image shape, classes, per-channel mean/std, and with `batch_size`
+    the batches per epoch of each split (training drops the last partial batch, evaluation keeps it)."""
     splits = make_splits(dataset, val_fraction, seed)
     c, h, w = dataset.image_shape
     lines = [f"dataset      {dataset.name}",
@@ -43,6 +44,13 @@ def describe(dataset: Dataset, val_fraction: float, seed: int) -> str:
              "mean         " + " ".join(f"{m:.3f}" for m in dataset.mean) + "  (0-255, per channel)",
              "std          " + " ".join(f"{s:.3f}" for s in dataset.std),
              f"augment      pad {dataset.pad} px random crop, flip {'on' if dataset.flip else 'off'} by default"]
+    if batch_size:
+        parts = []
+        for name, (_, labels) in splits.items():
+            n, full = len(labels), len(labels) // batch_size
+            parts.append(f"{name} {full} full" + (f" + 1 of {n % batch_size}" if n % batch_size else ""))
+        lines.append(f"batches      of {batch_size}: " + ", ".join(parts)
+                     + "  (training drops a last partial batch, evaluation keeps it)")
     return "\n".join(lines)
 
 
