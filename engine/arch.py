@@ -299,12 +299,6 @@ class Genotype:
                         raise ValueError(f"{t} pair {k} reads state {i}, which does not exist yet")
                 if len(pairs) % 2:
                     raise ValueError(f"{t} has {len(pairs)} pairs; need two per node")
-                for node in range(len(pairs) // 2):
-                    # a cell's edges are keyed by the state they read: two ops on one state would build one edge
-                    (_, a), (_, b) = pairs[2 * node: 2 * node + 2]
-                    if a == b:
-                        raise ValueError(f"{t} node {node} reads state {a} twice; a node takes two distinct "
-                                         f"inputs")
                 fields[t] = pairs
                 fields[f"{t}_concat"] = [int(i) for i in data[f"{t}_concat"]]
         except (KeyError, TypeError, ValueError) as e:

@@ -180,8 +180,6 @@ def test_genotype_json_round_trip(tmp_path):
     ({"normal": [["conv_9x9", 0]] * 8}, "unknown op"),
     ({"normal": [["sep_conv_3x3", 5]] * 8}, "reads state 5"),
     ({"normal": [["sep_conv_3x3", 0]] * 7}, "two per node"),
-    ({"normal": [["sep_conv_3x3", 0], ["skip_connect", 0]] + [["sep_conv_3x3", 0], ["sep_conv_3x3", 1]] * 3},
-     "node 0 reads state 0 twice"),  # built one edge instead of two before
     ({"reduce_concat": None}, "not a DARTS genotype"),
 ])
 def test_bad_genotypes_are_rejected_with_the_reason(tmp_path, bad, needle):
