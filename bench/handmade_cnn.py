@@ -1,7 +1,8 @@
 """What a user would build by hand instead of searching: a plain 5-conv CNN in eager PyTorch, trained on the
 same data pipeline as the main job. The bar the main job (`make run`) has to clear.
 
-    python bench/handmade_cnn.py --epochs 4 --json bench/results/handmade_cnn.json
+    python bench/handmade_cnn.py --epochs 4 --json bench/results/handmade_cnn-4ep.json
+    python bench/handmade_cnn.py --epochs 12 --json bench/results/handmade_cnn-12ep.json   # the main job's time
 
 The network (278,890 parameters): conv3x3 1->32, 32->64, maxpool, 64->64, 64->128, maxpool, 128->128, each
 conv followed by BatchNorm and ReLU, global average pool, linear 128->10. The recipe, as a practitioner would

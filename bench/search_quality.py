@@ -1,7 +1,7 @@
 """Does the search help? Searched genotypes against random ones from the same space, trained identically.
 
     python bench/search_quality.py --preset fashion-mnist --random 8 --search-seeds 0,1 --epochs 1 \
-        --train-set channels=16 --json bench/results/search_quality.json
+        --genotype bench/genotypes/fashion-mnist-before-issue-11.json --json bench/results/search_quality.json
     python bench/search_quality.py --quick      # synthetic data, tiny network: what the test suite runs
 
 The protocol of Yang et al. 2020 ("NAS evaluation is frustratingly hard") and Li & Talwalkar 2019, in small:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the searches and the training recipe")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for the training recipe only (e.g. channels=16)")
+                   help="config override for the training recipe only (e.g. optimize_channels=24)")
     p.add_argument("--random", type=int, default=8, help="random genotypes (N)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random genotypes")
     p.add_argument("--search-seeds", default="0,1", help="comma-separated seeds of the search runs ('' for none)")
@@ -144,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("search_quality: --train-seeds needs at least one seed")
         rng = np.random.default_rng(args.random_seed)
         candidates = [(f"random{i}", "random", Genotype.random(rng, base.nodes)) for i in range(args.random)]
+        basenames = [os.path.basename(path) for path in args.genotype]
         for i, path in enumerate(args.genotype):  # named after the file (runs' genotype.json files get a number)
-            name = os.path.splitext(os.path.basename(path))[0]
-            name = name if sum(os.path.basename(p) == os.path.basename(path) for p in args.genotype) == 1 \
-                else f"{name}{i}"
-            candidates.append((name, "searched", Genotype.load(path)))
+            name = os.path.splitext(basenames[i])[0]
+            candidates.append((name if basenames.count(basenames[i]) == 1 else f"{name}{i}", "searched",
+                               Genotype.load(path)))
         os.makedirs(args.work, exist_ok=True)
 
         # one list of work, so shards split searches and trainings alike
@@ -177,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for name, kind, g in candidates:
             runs = [train(recipe, name, g, seed, args.work) for seed in train_seeds]
+            free = g.param_free_fraction()
             rows.append({"name": name, "kind": kind, "test_acc": statistics.fmean(r["test_acc"] for r in runs),
                          "params": runs[0]["params"], "train_s": sum(r["train_s"] for r in runs) / len(runs),
-                         "param_free_normal": g.param_free_fraction()["normal"],
-                         "param_free_reduce": g.param_free_fraction()["reduce"],
+                         "param_free_normal": free["normal"], "param_free_reduce": free["reduce"],
                          "per_seed": [r["test_acc"] for r in runs], "genotype": str(g), "genotype_json": g.to_json()})
     except AsoseError as e:
         print(f"search_quality: error: {e}", file=sys.stderr)
