@@ -24,7 +24,7 @@ from common import print_table, write_json
 
 from engine.config import preset
 from engine.data import make_loader, make_splits, train_augment
-from engine.evaluate import load_data
+from engine.build import load_data
 from engine.network import count_parameters
 
 

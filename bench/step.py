@@ -19,112 +19,77 @@ figure the engine's CPU default is chosen by.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import common  # noqa: F401
 import torch
-import torch.nn.functional as F
 
-from engine.arch import CELL_TYPES, SKIP
+from engine.baseline import EagerDarts
+from engine.build import build_run
 from engine.config import preset
+from engine.data import Cycle
 from engine.network import count_parameters
-from engine.trainer import Trainer
 
 PHASES = ("warmup", "search", "optimize")
 
 
-def _batches(loader):
-    while True:
-        for b in loader:
-            yield b
-
-
-class Dense:
-    """The eager DARTS baseline on the trainer's supernet (contiguous layout, all ops, softmax weights)."""
-
-    def __init__(self, trainer):
-        self.t = trainer
-        self.net = trainer.net.to(memory_format=torch.contiguous_format)
-        self.params = list(self.net.parameters())
-
-    def _weights(self, phase):
-        if phase == "warmup":
-            w = torch.zeros(self.t.arch.edges, 8, device=self.t.device)
-            w[:, SKIP] = 1.0
-            return {t: w for t in CELL_TYPES}
-        return {t: torch.softmax(self.t.arch.logits[t], 1) for t in CELL_TYPES}
-
-    def weight_step(self, x, y, phase):
-        self.t.weight_opt.zero_grad(set_to_none=True)
-        w = {k: v.detach() for k, v in self._weights(phase).items()}
-        F.cross_entropy(self.net(x.contiguous(), dense=w), y).backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 5.0)
-        self.t.weight_opt.step()
-
-    def arch_step(self, x, y, phase):
-        self.t.arch_opt.zero_grad(set_to_none=True)
-        self.t.weight_opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.net(x.contiguous(), dense=self._weights(phase)), y).backward()  # DARTS: all grads
-        self.t.arch_opt.step()
-
-
 def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int) -> dict:
     compiled = variant == "engine-compiled"
-    run_cfg = cfg.override([f"compile={'on' if compiled else 'off'}"])
-    with tempfile.TemporaryDirectory() as out:
-        t = Trainer(run_cfg, out, log=lambda *_: None)
-        if phase == "optimize":
-            t._build_final(t.arch.genotype())
-            if variant == "eager-dense":
-                t.final_net.to(memory_format=torch.contiguous_format)
-                t.final_steps.channels_last = False
-        steps = t.final_steps if phase == "optimize" else t.steps
-        runner = Dense(t) if variant == "eager-dense" and phase != "optimize" else None
-        data = _batches(t.loaders["optimize" if phase == "optimize" else "train"])
-        arch_data = _batches(t.loaders["arch"]) if "arch" in t.loaders else None
-        every = cfg.arch_every
-        mon = steps.monitor
-        t.arch.tau = 1.0
-        count = {"i": 0}
+    run = build_run(cfg.override([f"compile={'on' if compiled else 'off'}"]))
+    if phase == "optimize":
+        model = run.build_final(run.arch.genotype())
+        if variant == "eager-dense":
+            model.net.to(memory_format=torch.contiguous_format)
+            model.steps.channels_last = False
+    else:
+        model = run.supernet
+    steps = model.steps
+    runner = None
+    if variant == "eager-dense" and phase != "optimize":
+        runner = EagerDarts(model.net.to(memory_format=torch.contiguous_format), run.arch, model.opt, run.arch_opt)
+    loader = run.loaders["optimize" if phase == "optimize" else "train"]
+    data = Cycle(loader)
+    arch_data = Cycle(run.loaders["arch"]) if "arch" in run.loaders else None
+    every = cfg.arch_every
+    mon = steps.monitor
+    run.arch.tau = 1.0
+    count = {"i": 0}
 
-        def iteration():
-            x, y = next(data)
-            p = None if phase == "optimize" else phase
-            (runner or steps).weight_step(x, y, p)
-            images = len(y)
-            count["i"] += 1
-            if phase == "search" and count["i"] % every == 0:
-                xa, ya = next(arch_data)
-                (runner or steps).arch_step(xa, ya, phase)
-                images += len(ya)
-            return images
+    def iteration():
+        x, y = next(data)
+        p = None if phase == "optimize" else phase
+        (runner or steps).weight_step(x, y, p)
+        images = len(y)
+        count["i"] += 1
+        if phase == "search" and count["i"] % every == 0:
+            xa, ya = next(arch_data)
+            (runner or steps).arch_step(xa, ya, phase)
+            images += len(ya)
+        return images
 
-        compile_s = 0.0
-        if compiled:
-            x, y = next(data)
-            t0 = time.perf_counter()
-            steps.precompile(x, y, None if phase == "optimize" else phase)
-            compile_s = time.perf_counter() - t0
-        else:
-            steps.prepare(None if phase == "optimize" else phase)
-        for _ in range(warmup_iters):
-            iteration()
-        before = mon.totals() if mon else {"compiles": 0, "recompiles": 0, "compile_s": 0.0}
-        if compiled:
-            compile_s = max(compile_s, before["compile_s"])
-        images = 0
+    compile_s = 0.0
+    if compiled:
+        x, y = next(data)
         t0 = time.perf_counter()
-        for _ in range(iters):
-            images += iteration()
-        dt = time.perf_counter() - t0
-        after = mon.totals() if mon else before
-        params = count_parameters(t.final_net if phase == "optimize" else t.net)
-        steps_per_epoch = len(t.loaders["optimize" if phase == "optimize" else "train"])
+        steps.precompile(x, y, None if phase == "optimize" else phase)
+        compile_s = time.perf_counter() - t0
+    else:
+        steps.prepare(None if phase == "optimize" else phase)
+    for _ in range(warmup_iters):
+        iteration()
+    before = mon.totals() if mon else {"compiles": 0, "recompiles": 0, "compile_s": 0.0}
+    if compiled:
+        compile_s = max(compile_s, before["compile_s"])
+    images = 0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        images += iteration()
+    dt = time.perf_counter() - t0
+    after = mon.totals() if mon else before
     return {"phase": phase, "variant": variant, "it_s": round(iters / dt, 3), "images_s": round(images / dt, 1),
             "compile_s": round(compile_s, 1), "recompiles": after["recompiles"] - before["recompiles"],
-            "compiles_timed": after["compiles"] - before["compiles"], "params": params,
-            "steps_per_epoch": steps_per_epoch}
+            "compiles_timed": after["compiles"] - before["compiles"], "params": count_parameters(model.net),
+            "steps_per_epoch": len(loader)}
 
 
 def growth_run(cfg, events: list[str], iters: int) -> list[dict]:
@@ -132,44 +97,42 @@ def growth_run(cfg, events: list[str], iters: int) -> list[dict]:
     FLOP counting replay the same Gumbel samples (the generator is re-seeded), so the two are comparable."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from engine.growth import grow
+    from engine import growth
 
     records = []
-    with tempfile.TemporaryDirectory() as out:
-        t = Trainer(cfg.override(["compile=off"]), out, log=lambda *_: None)
-        t.arch.tau = 1.0
-        t.arch.skip_bias = 0.0
-        batches = [b for _, b in zip(range(iters + 2), _batches(t.loaders["train"]))]
-        arch_batches = [b for _, b in zip(range(iters + 2), _batches(t.loaders["arch"]))]
+    run = build_run(cfg.override(["compile=off"]))
+    run.arch.tau = 1.0
+    run.arch.skip_bias = 0.0
+    batches = Cycle(run.loaders["train"]).take(iters + 2)
+    arch_batches = Cycle(run.loaders["arch"]).take(iters + 2)
 
-        def run(n, start=0):
-            t.gumbel.manual_seed(1234)
-            for i in range(start, start + n):
-                t.steps.weight_step(*batches[i], "growth")
-                t.steps.arch_step(*arch_batches[i], "growth")
+    def steps(n, start=0):
+        run.gumbel.manual_seed(1234)
+        for i in range(start, start + n):
+            run.supernet.steps.weight_step(*batches[i], "growth")
+            run.supernet.steps.arch_step(*arch_batches[i], "growth")
 
-        def measure(label):
-            run(2)  # warm-up
-            t0 = time.perf_counter()
-            run(iters)
-            dt = time.perf_counter() - t0
-            t.gumbel.manual_seed(1234)
-            with FlopCounterMode(display=False) as counter:
-                for i in range(iters):
-                    t.steps.weight_step(*batches[i], "growth")
-                    t.steps.arch_step(*arch_batches[i], "growth")
-            net = t.net
-            rec = {"after": label, "cells": len(net.cells), "channels": net.spec.cells[0].c,
-                   "params": count_parameters(net), "it_s": round(iters / dt, 3),
-                   "gflop_per_it": round(counter.get_total_flops() / iters / 1e9, 3)}
-            print(f"  {label:<12} {rec['it_s']:.3f} it/s  {rec['gflop_per_it']:.3f} GFLOP/it  "
-                  f"{rec['params']:,} params", flush=True)
-            return rec
+    def measure(label):
+        steps(2)  # warm-up
+        t0 = time.perf_counter()
+        steps(iters)
+        dt = time.perf_counter() - t0
+        with FlopCounterMode(display=False) as counter:
+            steps(iters)
+        net = run.supernet.net
+        rec = {"after": label, "cells": len(net.cells), "channels": net.spec.cells[0].c,
+               "params": count_parameters(net), "it_s": round(iters / dt, 3),
+               "gflop_per_it": round(counter.get_total_flops() / iters / 1e9, 3)}
+        print(f"  {label:<12} {rec['it_s']:.3f} it/s  {rec['gflop_per_it']:.3f} GFLOP/it  "
+              f"{rec['params']:,} params", flush=True)
+        return rec
 
-        records.append(measure("start"))
-        for kind in events:
-            grow(t, kind)
-            records.append(measure(f"grow_{kind}"))
+    records.append(measure("start"))
+    for kind in events:
+        grown = growth.grow(run.supernet.net, run.supernet.opt, run.arch, run.probe_batch(), kind,
+                            width_factor=cfg.grow_width_factor)
+        run.adopt_supernet(grown.net, grown.opt)
+        records.append(measure(f"grow_{kind}"))
     base = records[0]
     for r in records:
         r["it_s_ratio"] = round(r["it_s"] / base["it_s"], 3)

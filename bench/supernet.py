@@ -19,17 +19,22 @@ import torch
 import torch.nn.functional as F
 
 from engine.arch import CELL_TYPES, Architecture
+from engine.baseline import EagerDarts
 from engine.network import Network, count_parameters, darts_spec
 
 
 def run(mode: str, net, arch, x, y, gen) -> None:
+    if mode == "dense":  # the eager DARTS baseline, in the engine's memory format
+        EagerDarts(net, arch, memory_format=_format(x)).forward_backward(x, y, "search")
+        return
     net.zero_grad(set_to_none=True)
     arch.zero_grad(set_to_none=True)
-    if mode == "dense":
-        out = net(x, dense={t: torch.softmax(arch.logits[t], 1) for t in CELL_TYPES})
-    else:
-        out = net(x, arch.sample("search", grad=True, generator=gen))
-    F.cross_entropy(out, y).backward()
+    F.cross_entropy(net(x, arch.sample("search", grad=True, generator=gen)), y).backward()
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+        else torch.contiguous_format
 
 
 def main() -> None:

@@ -65,8 +65,12 @@ def cmd_search(args) -> int:
             raise ConfigError("--resume takes the run's own config; drop --set/--out (start a new run to change them)")
         from .config import load_config_file
         cfg = load_config_file(os.path.join(args.resume, "config.json"))
+        if args.seed is not None:
+            raise ConfigError("--resume takes the run's own seed; drop --seed (start a new run to change it)")
         if args.nvtx:
             cfg.nvtx = True  # profiling a resumed run changes no result
+        if args.device is not None:
+            cfg.device = args.device  # another device of the same kind (checked against the checkpoint)
         trainer = Trainer(cfg, args.resume, resume=True, stop_after=args.stop_after)
     else:
         if not args.out:

@@ -138,6 +138,11 @@ def reset() -> None:
         _attach(_MONITOR)
 
 
+def eager():
+    """A context in which compiled code runs eagerly (evaluation, growth checks): no compile is triggered."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def resolve_policy(setting: str, device: torch.device) -> dict:
     """What is compiled, per the `compile` config field ("auto" | "on" | "static" | "off") and the device.
     "static" compiles only the static phases' graphs (warmup, optimize), not the search's per-op graphs.

@@ -32,6 +32,11 @@ class MixedOp(nn.Module):
         """Callables that replace `ops[k](x)` (compiled graphs), or None for the modules themselves."""
         self._runners = runners
 
+    def __getstate__(self):
+        """Copies and pickles hold the modules, never the compiled runners (they belong to one network's steps
+        and hold process-wide compile state): `copy.deepcopy(supernet)` is an eager supernet."""
+        return {**super().__getstate__(), "_runners": None}
+
     def forward(self, x: torch.Tensor, w: torch.Tensor, active: tuple[int, ...], unit: bool = False):
         """x: (N, C, H, W); w: (K,) this edge's weights; active: op indices to run. Returns the edge's
         output, or None when nothing runs (the node sum then skips the edge)."""

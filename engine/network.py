@@ -18,7 +18,7 @@ from torch import nn
 
 from .arch import CELL_TYPES, CellWeights, Genotype, edge_index
 from .mixed import MixedOp
-from .ops import FactorizedReduce, Identity, ReLUConvBN, make_op, zeros_like_layout
+from .ops import PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, make_op, zeros_like_layout
 
 
 @dataclass
@@ -137,6 +137,14 @@ class SearchCell(Cell):
         return torch.cat(states[2:], dim=1)
 
 
+def edge_key(pairs: list[tuple[str, int]], i: int) -> str:
+    """The module name of genotype pair `i`: its supernet edge index, and when both pairs of its node read
+    the same state (hand-written DARTS genotypes may), that index and the pair's place in the node."""
+    node, src = i // 2, pairs[i][1]
+    twin = pairs[i ^ 1][1] if (i ^ 1) < len(pairs) else None
+    return str(edge_index(node, src)) if twin != src else f"{edge_index(node, src)}_{i % 2}"
+
+
 class DerivedCell(Cell):
     """Only the genotype's ops, two per node; BatchNorms affine; optional drop-path on non-identity ops."""
 
@@ -146,16 +154,17 @@ class DerivedCell(Cell):
         if len(pairs) != 2 * nodes:
             raise ValueError(f"genotype has {len(pairs) // 2} nodes per cell, the network {nodes}")
         self.pairs = [(op, src) for op, src in pairs]
-        self.edges = nn.ModuleDict({str(edge_index(i // 2, src)): make_op(op, spec.c, self._stride(src), affine)
-                                    for i, (op, src) in enumerate(self.pairs)})
+        self.keys = [edge_key(self.pairs, i) for i in range(len(self.pairs))]
+        self.edges = nn.ModuleDict({key: make_op(op, spec.c, self._stride(src), affine)
+                                    for key, (op, src) in zip(self.keys, self.pairs)})
         self.drop_prob = 0.0
 
     def forward(self, s0, s1, weights=None, dense=None):
         states = [self.pre0(s0), self.pre1(s1)]
         for node in range(self.nodes):
             terms = []
-            for op_name, src in self.pairs[2 * node: 2 * node + 2]:
-                op = self.edges[str(edge_index(node, src))]
+            for key, (_, src) in zip(self.keys[2 * node: 2 * node + 2], self.pairs[2 * node: 2 * node + 2]):
+                op = self.edges[key]
                 y = op(states[src])
                 if self.training and self.drop_prob > 0 and not isinstance(op, Identity):
                     keep = 1.0 - self.drop_prob
@@ -177,7 +186,7 @@ class Network(nn.Module):
             nn.Conv2d(spec.in_channels, spec.stem_channels, 3, stride=spec.stem_stride, padding=1, bias=False),
             nn.BatchNorm2d(spec.stem_channels))
         shapes = spec.state_shapes()
-        self.cells = nn.ModuleList(self._make_cell(c, shapes) for c in spec.cells)
+        self.cells = nn.ModuleList(self.make_cell(c, shapes) for c in spec.cells)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(shapes[-1][0], spec.num_classes)
 
@@ -185,7 +194,7 @@ class Network(nn.Module):
     def is_supernet(self) -> bool:
         return self.genotype is None
 
-    def _make_cell(self, c: CellSpec, shapes: list[tuple[int, int]]) -> Cell:
+    def make_cell(self, c: CellSpec, shapes: list[tuple[int, int]]) -> Cell:
         in0, in1 = shapes[c.inputs[0]], shapes[c.inputs[1]]
         if self.genotype is None:
             return SearchCell(c, in0, in1, self.spec.nodes)
@@ -248,10 +257,12 @@ def derive(supernet: Network, genotype: Genotype, transfer: bool = True, stem_st
     target = net.state_dict()
     for name in target:
         parts = name.split(".")
-        if parts[0] == "cells" and parts[2] == "edges":  # cells.i.edges.e.<op> <- cells.i.edges.e.ops.k.<op>
+        if parts[0] == "cells" and parts[2] == "edges":  # cells.i.edges.<key>.<op> <- cells.i.edges.e.ops.k.<op>
             cell = net.cells[int(parts[1])]
-            k = _op_index(cell, int(parts[3]))
-            src = ".".join(parts[:4] + ["ops", str(k)] + parts[4:])
+            pair = cell.keys.index(parts[3])
+            op, state = cell.pairs[pair]
+            src = ".".join(parts[:3] + [str(edge_index(pair // 2, state)), "ops", str(PRIMITIVES.index(op))]
+                           + parts[4:])
         else:
             src = name
         if src in source and source[src].shape == target[name].shape:
@@ -270,23 +281,11 @@ def _open_gates(net: Network) -> None:
     from .ops import final_batchnorm
     with torch.no_grad():
         for cell in net.cells:
-            for (op_name, _), op in zip(cell.pairs, (cell.edges[k] for k in _edge_keys(cell))):
+            for (op_name, _), op in zip(cell.pairs, (cell.edges[k] for k in cell.keys)):
                 bn = final_batchnorm(op)
                 if op_name != "skip_connect" and bn is not None and bn.affine:
                     bn.weight.fill_(1.0)
 
 
-def _edge_keys(cell) -> list[str]:
-    return [str(edge_index(i // 2, src)) for i, (_, src) in enumerate(cell.pairs)]
-
-
-def _op_index(cell: DerivedCell, edge: int) -> int:
-    from .ops import PRIMITIVES
-    for i, (op, src) in enumerate(cell.pairs):
-        if edge_index(i // 2, src) == edge:
-            return PRIMITIVES.index(op)
-    raise KeyError(edge)
-
-
 __all__ = ["CELL_TYPES", "Cell", "CellSpec", "DerivedCell", "NetSpec", "Network", "SearchCell",
-           "count_parameters", "darts_spec", "derive", "scale_spec"]
+           "count_parameters", "darts_spec", "derive", "edge_key", "scale_spec"]

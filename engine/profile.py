@@ -13,30 +13,24 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .arch import PHASES
+from .build import build_run
 from .config import Config
+from .data import Cycle
 from .profiling import nvtx_range
 
 
-def _batches(loader):
-    while True:
-        for batch in loader:
-            yield batch
-
-
 def profile_phases(cfg: Config, out: str, steps: int = 5, top: int = 12, log=print) -> dict[str, str]:
-    from .trainer import Trainer
     os.makedirs(out, exist_ok=True)
-    trainer = Trainer(cfg, os.path.join(out, "run"), log=lambda *_: None)
-    cuda = trainer.device.type == "cuda"
+    run = build_run(cfg)
+    cuda = run.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    train, arch = _batches(trainer.loaders["train"]), _batches(trainer.loaders["arch"])
+    train, arch = Cycle(run.loaders["train"]), Cycle(run.loaders["arch"])
     traces = {}
     for phase in PHASES:
         if phase == "optimize":
-            trainer._build_final(trainer.arch.genotype())
-            run_steps, data = trainer.final_steps, _batches(trainer.loaders["optimize"])
+            run_steps, data = run.build_final(run.arch.genotype()).steps, Cycle(run.loaders["optimize"])
         else:
-            run_steps, data = trainer.steps, train
+            run_steps, data = run.supernet.steps, train
         run_steps.prepare(None if phase == "optimize" else phase)
 
         def one_step():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Architecture
-from .compile import CompileMonitor, OpGraphs, monitor as get_monitor, reset as reset_compiled, resolve_policy
+from .compile import CompileMonitor, OpGraphs, eager, monitor as get_monitor, reset as reset_compiled, resolve_policy
 from .network import Network
 from .profiling import nvtx_range
 
@@ -37,12 +37,6 @@ class StepResult:
     correct: int
     count: int
     skipped: bool = False
-
-
-def cosine_lr(step: int, total: int, lr: float, lr_min: float) -> float:
-    if total <= 0:
-        return lr
-    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(step, total) / total))
 
 
 class Steps:
@@ -218,8 +212,9 @@ class Steps:
         return StepResult(loss_value, int((out.detach().argmax(1) == y).sum()), len(y))
 
     # ------------------------------------------------------------------------------------------ eval
-    def _eager(self):
-        return torch.compiler.set_stance("force_eager") if self.compiling else contextlib.nullcontext()
+    def eager(self):
+        """Compiled graphs off for the block (evaluation): a nullcontext when nothing is compiled."""
+        return eager() if self.compiling else contextlib.nullcontext()
 
     @torch.no_grad()
     def evaluate(self, loader, phase: str | None = None, flip: bool = False) -> tuple[float, float]:
@@ -229,7 +224,7 @@ class Steps:
         self.net.eval()
         sample = self.arch.sample(phase) if self.net.is_supernet else None
         total_loss, correct, count = 0.0, 0, 0
-        with self._eager():
+        with self.eager():
             for x, y in loader:
                 out = self._eval_forward(x, sample)
                 if flip:
@@ -256,7 +251,7 @@ class Steps:
             m.momentum = None  # cumulative average over the calibration batches
         self.net.train()
         sample = self.arch.sample(phase) if self.net.is_supernet else None
-        with self._eager():
+        with self.eager():
             for i, (x, _) in enumerate(loader):
                 if i >= batches:
                     break

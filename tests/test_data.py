@@ -167,6 +167,21 @@ def test_a_pass_stopped_early_leaves_the_next_epoch_intact():
     assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
+def test_cycle_crosses_epochs_and_goes_on_from_its_position():
+    from engine.data import Cycle
+    images, labels = _small_set(n=50)
+    aug = Augment((0.0,) * 3, (1.0,) * 3, pad=2, flip=True)
+    loader = make_loader("tensor", images, labels, 16, train=True, augment=aug)  # 3 batches an epoch
+    whole = [y.numpy() for _, y in Cycle(loader).take(8)]
+    want = [labels[b.indices] for e in range(3) for b in loader.plan.batches(e)][:8]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, want)) and len(whole) == 8
+    first = Cycle(loader)
+    first.take(4)
+    assert (first.epoch, first.pos) == (1, 1)
+    rest = [y.numpy() for _, y in Cycle(loader, first.epoch, first.pos).take(4)]  # a resumed stream
+    assert all(np.array_equal(a, b) for a, b in zip(rest, whole[4:]))
+
+
 def test_shards_are_disjoint_and_equal_length():
     images, labels = _small_set(n=101)
     aug = Augment((0.0,) * 3, (1.0,) * 3)

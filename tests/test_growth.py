@@ -11,7 +11,7 @@ import torch
 from engine.arch import Architecture
 from engine.config import preset
 from engine.errors import TrainingError
-from engine.growth import (choose_depth_position, grow_depth, grow_width, transfer_optimizer_state, widen_map)
+from engine.net2net import (choose_depth_position, grow_depth, grow_width, transfer_optimizer_state, widen_map)
 from engine.network import Network, darts_spec
 from engine.trainer import Trainer
 
@@ -118,19 +118,18 @@ def _trainer(tmp_path, *overrides, name="run"):
 def test_loss_across_an_event_is_continuous(tmp_path):
     """The loss the first training step after an event starts from (train mode, same batch, same
     architecture) is within 1% of the loss before the event."""
-    from engine.growth import grow
     t = _trainer(tmp_path)
     x, y = next(iter(t.loaders["train"]))
     sample = t.arch.sample("argmax")
 
     def train_loss():
         t.net.train()
-        with torch.no_grad(), t.steps._eager():
+        with torch.no_grad(), t.steps.eager():
             return float(t.steps.criterion(t.net(t.steps._input(x), sample), y))
 
     for kind in ("depth", "width"):
         before = train_loss()
-        event = grow(t, kind)
+        event = t.grow(kind)
         after = train_loss()
         assert abs(after - before) <= 0.01 * before, (kind, before, after)
         assert event["max_abs_diff"] < 1e-5 and event["params_after"] > event["params_before"]
@@ -151,8 +150,46 @@ def test_an_event_that_changes_the_function_stops_with_a_clear_error(tmp_path, m
     monkeypatch.setattr(growth, "grow_width", broken)
     net = t.net
     with pytest.raises(TrainingError, match="growth event width changed the network.s output"):
-        growth.grow(t, "width")
+        t.grow("width")
     assert t.net is net  # nothing adopted
+
+
+@pytest.mark.parametrize("kind", ["depth", "width"])
+def test_a_failed_event_leaves_network_and_optimizer_untouched(tmp_path, monkeypatch, kind):
+    """growth.grow is a transform: on failure (here a grown network that is off by a little) the network it
+    was given keeps its cells, spec, weights, mode and optimizer state; on success they are unchanged too."""
+    import engine.growth as growth
+    t = _trainer(tmp_path)
+    x, y = next(iter(t.loaders["train"]))
+    t.steps.weight_step(x, y, "search")  # optimizer state (momentum) to carry
+    net, opt = t.net, t.weight_opt
+    spec, cells = net.spec, len(net.cells)
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    momentum = {id(p): opt.state[p]["momentum_buffer"].clone() for p in net.parameters() if p in opt.state}
+    real = getattr(growth, f"grow_{kind}")
+
+    def broken(n, arg):
+        grown = real(n, arg)
+        wide = grown[0] if isinstance(grown, tuple) else grown
+        with torch.no_grad():
+            wide.classifier.bias.add_(1e-3)
+        return grown
+
+    def untouched():
+        assert net.spec == spec and len(net.cells) == cells and net.training
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+        assert all(torch.equal(opt.state[p]["momentum_buffer"], momentum[id(p)]) for p in net.parameters()
+                   if p in opt.state) and len(momentum) == len(opt.state)
+
+    with monkeypatch.context() as m:
+        m.setattr(growth, f"grow_{kind}", broken)
+        with pytest.raises(TrainingError, match=f"growth event {kind}"):
+            growth.grow(net, opt, t.arch, t.probe_batch(), kind, width_factor=1.5)
+    untouched()
+    grown = growth.grow(net, opt, t.arch, t.probe_batch(), kind, width_factor=1.5)
+    untouched()
+    assert grown.net is not net and grown.opt is not opt and grown.event["params_after"] > grown.event["params_before"]
+    assert len(grown.opt.state) == len(opt.state)  # every momentum buffer moved onto the grown parameters
 
 
 def test_smoke_search_with_growth_writes_event_records(tmp_path):
@@ -198,8 +235,7 @@ def test_recompiles_after_an_event_equal_the_step_graphs_then_zero(tmp_path):
     x, y = next(iter(t.loaders["train"]))
     steps.precompile(x, y, "growth")
     graphs = {g for g in steps.monitor.graphs if g.startswith("op:")}
-    from engine.growth import grow
-    event = grow(t, "width")
+    event = t.grow("width")
     assert event["recompiles"] == len(graphs) and event["recompile_s"] > 0
     mon = t.steps.monitor
     before = mon.totals()

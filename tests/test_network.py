@@ -224,3 +224,29 @@ def test_every_cell_is_a_search_cell_with_fourteen_mixed_edges():
     net, _ = _net()
     assert all(isinstance(c, SearchCell) and len(c.edges) == 14 for c in net.cells)
     assert all(len(e.ops) == len(PRIMITIVES) for c in net.cells for e in c.edges)
+
+
+def test_a_node_may_read_one_state_twice():
+    """DARTS allows both inputs of a node from the same state (hand-written genotypes do): both ops are built,
+    both are summed, and supernet weights transfer to both (edges used to be keyed by state: one was lost)."""
+    from engine.ops import Identity, SepConv
+    net, x = _net()
+    pairs = [["sep_conv_3x3", 0], ["skip_connect", 0], ["sep_conv_3x3", 0], ["sep_conv_3x3", 1],
+             ["dil_conv_3x3", 1], ["dil_conv_3x3", 1], ["max_pool_3x3", 2], ["skip_connect", 3]]
+    g = Genotype.from_json({"normal": pairs, "normal_concat": [2, 3, 4, 5], "reduce": pairs, "reduce_concat": [2, 3, 4, 5]})
+    derived = derive(net, g, transfer=True, open_gates=False).eval()
+    cell = derived.cells[0]
+    assert len(cell.edges) == 8 and isinstance(cell.edges[cell.keys[0]], SepConv)
+    assert isinstance(cell.edges[cell.keys[1]], Identity) and cell.keys[4] != cell.keys[5]
+    k = PRIMITIVES.index("dil_conv_3x3")
+    for key in cell.keys[4:6]:  # both twins start from the supernet's one edge (node 2, state 1)
+        assert torch.equal(cell.edges[key][1].weight, net.cells[0].edges[int(key.split("_")[0])].ops[k][1].weight)
+    seen = {}
+    cell.register_forward_hook(lambda mod, inp, out: seen.update(inp=inp, out=out))
+    with torch.no_grad():
+        derived(x)
+        s0, s1 = seen["inp"][:2]
+        states = [cell.pre0(s0), cell.pre1(s1)]
+        node0 = cell.edges[cell.keys[0]](states[0]) + states[0]
+    c = node0.shape[1]
+    assert torch.allclose(seen["out"][:, :c], node0, atol=1e-6)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine.config import preset
+from engine.data import Cycle
 from engine.profiling import enable_nvtx
 from engine.trainer import Trainer
 
@@ -20,14 +21,7 @@ def _trainer(tmp_path, name, *overrides):
 
 
 def _batches(trainer, key, n):
-    out, it = [], iter(trainer.loaders[key])
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            it = iter(trainer.loaders[key])
-            out.append(next(it))
-    return out
+    return Cycle(trainer.loaders[key]).take(n)
 
 
 def _losses(trainer, phase, n, batches, arch_batches=None):
@@ -110,7 +104,7 @@ def test_compiled_optimize_phase_matches_eager(tmp_path):
     eager = _trainer(tmp_path, "e", "compile=off")
     comp = _trainer(tmp_path, "c", "compile=on")
     for t in (eager, comp):
-        t._build_final(t.arch.genotype())
+        t.build_final(t.arch.genotype())
     batches = _batches(eager, "optimize", 20)
     _same(_losses(comp, "optimize", 20, batches), _losses(eager, "optimize", 20, batches))
     mon = comp.final_steps.monitor

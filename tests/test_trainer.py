@@ -13,6 +13,7 @@ from engine.arch import Genotype
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.config import preset
+from engine.data import Cycle
 from engine.errors import TrainingError
 from engine.steps import Steps
 from engine.trainer import Trainer
@@ -143,6 +144,15 @@ def test_resume_with_nvtx_profiling(tmp_path):
     assert json.loads((out / "final.json").read_text())["epochs"] == 4
 
 
+def test_resume_on_another_device_of_the_same_kind_but_not_with_another_seed(tmp_path, capsys):
+    out = tmp_path / "run"
+    _run(preset("smoke"), out, stop_after=2)  # device "auto": the CPU here
+    assert main(["search", "--resume", str(out), "--seed", "3"]) == 2
+    assert "drop --seed" in capsys.readouterr().err
+    assert main(["search", "--resume", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "final.json").read_text())["epochs"] == 4
+
+
 def test_incompatible_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     _run(preset("smoke"), out, stop_after=1)
@@ -205,18 +215,10 @@ def test_no_batch_mismatch_with_partial_batches_in_every_phase(tmp_path):
 def test_no_double_backward_in_200_alternating_steps(tmp_path):
     trainer = Trainer(preset("smoke"), str(tmp_path), log=_quiet)
     steps, loaders = trainer.steps, trainer.loaders
-    train, val = iter(loaders["train"]), iter(loaders["arch"])
+    train, val = Cycle(loaders["train"]), Cycle(loaders["arch"])
     for i in range(200):
-        try:
-            x, y = next(train)
-        except StopIteration:
-            train = iter(loaders["train"])
-            x, y = next(train)
-        try:
-            xa, ya = next(val)
-        except StopIteration:
-            val = iter(loaders["arch"])
-            xa, ya = next(val)
+        x, y = next(train)
+        xa, ya = next(val)
         assert not steps.weight_step(x, y, "search").skipped
         assert not steps.arch_step(xa, ya, "search").skipped
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .loaders import (LOADERS, Augment, Batch, DaliLoader, EpochPlan, TensorLoader, TorchLoader,
+from .loaders import (LOADERS, Augment, Batch, Cycle, DaliLoader, EpochPlan, TensorLoader, TorchLoader,
                       augment_reference, make_loader, num_batches, split_indices)
 from .readers import (DATASETS, FASHION_MNIST_DIR, Dataset, channel_stats, load_dataset, make_synthetic,
                       read_cifar10, read_cifar_batch, read_fashion_mnist, read_idx)
@@ -54,7 +54,7 @@ def describe(dataset: Dataset, val_fraction: float, seed: int, batch_size: int |
     return "\n".join(lines)
 
 
-__all__ = ["Augment", "Batch", "DATASETS", "DaliLoader", "Dataset", "EpochPlan", "FASHION_MNIST_DIR", "LOADERS",
+__all__ = ["Augment", "Batch", "Cycle", "DATASETS", "DaliLoader", "Dataset", "EpochPlan", "FASHION_MNIST_DIR", "LOADERS",
            "TensorLoader", "TorchLoader", "augment_reference", "channel_stats", "describe", "load_dataset",
            "make_loader", "make_splits", "make_synthetic", "num_batches", "read_cifar10", "read_cifar_batch",
            "read_fashion_mnist", "read_idx", "split_indices", "train_augment"]

@@ -310,6 +310,35 @@ class TensorLoader(_Loader):
             yield (x.float() - self._mean) / self._std, self._labels[idx]
 
 
+class Cycle:
+    """Endless batches from a loader, epoch after epoch (each epoch in its own order, `set_epoch`). Where it
+    stands, (`epoch`, `pos`), is all a resume needs: `Cycle(loader, epoch, pos)` goes on from there."""
+
+    def __init__(self, loader: _Loader, epoch: int = 0, pos: int = 0):
+        self.loader, self.epoch, self.pos = loader, epoch, pos
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self.loader.set_epoch(self.epoch)
+            self._it = self.loader.iter_from(self.pos)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.loader.set_epoch(self.epoch)
+            self._it = self.loader.iter_from(0)
+            batch = next(self._it)
+        self.pos += 1
+        return batch
+
+    def take(self, n: int) -> list:
+        return [next(self) for _ in range(n)]
+
+
 def make_loader(kind: str, images: np.ndarray, labels: np.ndarray, batch_size: int, *, num_workers: int = 0,
                 num_threads: int = 0, **kwargs) -> _Loader:
     """`kind` is "dali" (the feeding path, `num_threads`), "torch" (baseline, `num_workers`) or "tensor"."""

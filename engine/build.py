@@ -1,0 +1,173 @@
+"""Building a run from a config: device, seeds, data, loaders, the architecture, and the two trainable
+models (the supernet, later the derived network), each with its optimizer and its steps.
+
+    run = build_run(cfg)              everything the phase loop needs, nothing run yet
+    run.supernet.steps.weight_step(x, y, "warmup")
+    run.build_final(genotype)         the optimize phase's network, optimizer, steps and loader
+
+`aso-se eval`, `aso-se profile` and the benches use the same builders, so a model is built one way only.
+The order of construction is part of the result: network initializations draw from torch's global RNG,
+so data, architecture, Gumbel generator and supernet are built in this order, always.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .arch import Architecture, Genotype
+from .config import Config
+from .data import Dataset, load_dataset, make_loader, make_splits, train_augment
+from .errors import ConfigError
+from .network import Network, darts_spec, derive
+from .profiling import enable_nvtx
+from .steps import Steps
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_data(cfg: Config) -> Dataset:
+    """The config's data set, cut to `train_subset` samples of the official training set when set."""
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, n_train=cfg.synthetic_train, n_test=cfg.synthetic_test,
+                           size=cfg.synthetic_size, channels=cfg.synthetic_channels, seed=cfg.seed)
+    if cfg.train_subset and cfg.train_subset < len(dataset.train_labels):
+        keep = np.sort(np.random.default_rng([cfg.seed, 7]).permutation(len(dataset.train_labels))[:cfg.train_subset])
+        dataset.train_images = dataset.train_images[keep]
+        dataset.train_labels = dataset.train_labels[keep]
+    return dataset
+
+
+def build_architecture(cfg: Config, device: torch.device | str = "cpu") -> Architecture:
+    """The architecture manager a config describes."""
+    return Architecture(cfg.nodes, init_std=cfg.init_std, none_init=cfg.none_init, skip_init=cfg.skip_init,
+                        hard=cfg.hard, skip_threshold=cfg.skip_threshold, dominant_threshold=cfg.dominant_threshold,
+                        keep_threshold=cfg.keep_threshold, max_skip=None if cfg.max_skip < 0 else cfg.max_skip,
+                        max_skip_reduce=None if cfg.max_skip_reduce < 0 else cfg.max_skip_reduce,
+                        seed=cfg.seed).to(device)
+
+
+def make_loaders(cfg: Config, splits: dict, augment, device: torch.device) -> dict:
+    """train (weight steps), arch (architecture steps, the val split reshuffled), val (evaluation, at most
+    `eval_samples` of the val split), test. No val split, no arch and val loaders."""
+    kw = dict(device=device, seed=cfg.seed)
+    tr_x, tr_y = splits["train"]
+    va_x, va_y = splits["val"]
+    loaders = {"train": make_loader(cfg.loader, tr_x, tr_y, cfg.batch_size, train=True, augment=augment,
+                                    drop_last=cfg.drop_last, **kw)}
+    if len(va_y):
+        loaders["arch"] = make_loader(cfg.loader, va_x, va_y, cfg.batch_size, train=True, augment=augment,
+                                      drop_last=cfg.drop_last, **{**kw, "seed": cfg.seed + 1})
+        if cfg.eval_samples and cfg.eval_samples < len(va_y):
+            pick = np.sort(np.random.default_rng([cfg.seed, 11]).permutation(len(va_y))[:cfg.eval_samples])
+            va_x, va_y = va_x[pick], va_y[pick]
+        loaders["val"] = make_loader(cfg.loader, va_x, va_y, cfg.eval_batch_size, train=False, augment=augment, **kw)
+    loaders["test"] = make_loader(cfg.loader, *splits["test"], cfg.eval_batch_size, train=False, augment=augment, **kw)
+    return loaders
+
+
+def weight_optimizer(cfg: Config, net: Network) -> torch.optim.Optimizer:
+    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Model:
+    """One trainable network with its weight optimizer and the steps bound to both."""
+    net: Network
+    opt: torch.optim.Optimizer
+    steps: Steps
+
+
+@dataclass
+class Run:
+    cfg: Config
+    device: torch.device
+    channels_last: bool
+    dataset: Dataset
+    splits: dict
+    augment: object
+    loaders: dict
+    arch: Architecture
+    arch_opt: torch.optim.Optimizer
+    gumbel: torch.Generator
+    supernet: Model = None
+    final: Model | None = None
+    _probe: torch.Tensor | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------------------------------ models
+    def adopt_supernet(self, net: Network, opt: torch.optim.Optimizer | None = None) -> None:
+        """Make `net` the supernet (at start, on resume, after a growth event), with `opt` (default: a fresh
+        weight optimizer) and steps bound to both."""
+        cfg = self.cfg
+        opt = opt if opt is not None else weight_optimizer(cfg, net)
+        steps = Steps(net, opt, arch=self.arch, arch_opt=self.arch_opt, grad_clip=cfg.grad_clip,
+                      channels_last=self.channels_last, generator=self.gumbel, compile=cfg.compile,
+                      recompile_limit=cfg.recompile_limit)
+        self.supernet = Model(net, opt, steps)
+
+    def new_supernet(self, spec) -> None:
+        net = Network(spec).to(self.device)
+        self.adopt_supernet(net.to(memory_format=torch.channels_last) if self.channels_last else net)
+
+    def build_final(self, genotype: Genotype) -> Model:
+        """The optimize phase: the derived network (fresh or supernet-initialized), its optimizer, its steps,
+        and its loader (`loaders["optimize"]`: train, or train+val)."""
+        cfg = self.cfg
+        net = derive(self.supernet.net, genotype, transfer=cfg.optimize_init == "supernet",
+                     stem_stride=cfg.optimize_stem_stride or None, channels=cfg.optimize_channels or None)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.optimize_lr, momentum=cfg.momentum, nesterov=True,
+                              weight_decay=cfg.optimize_weight_decay)
+        steps = Steps(net, opt, grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing,
+                      channels_last=self.channels_last, compile=cfg.compile, recompile_limit=cfg.recompile_limit)
+        self.final = Model(net, opt, steps)
+        x, y = self.splits["train"]
+        if cfg.optimize_data == "train+val":
+            x = np.concatenate([x, self.splits["val"][0]])
+            y = np.concatenate([y, self.splits["val"][1]])
+        self.loaders["optimize"] = make_loader(cfg.loader, x, y, cfg.optimize_batch_size, train=True,
+                                               augment=self.augment, device=self.device, seed=cfg.seed + 2,
+                                               drop_last=cfg.drop_last)
+        return self.final
+
+    def probe_batch(self) -> torch.Tensor:
+        """A fixed batch (the first of the val evaluation split, else of test) on which growth checks that
+        an event preserves the network's function."""
+        if self._probe is None:
+            x, _ = next(iter(self.loaders.get("val", self.loaders["test"])))
+            self._probe = x[:64].clone()
+        return self._probe.contiguous(memory_format=torch.channels_last) if self.channels_last else self._probe
+
+
+def build_run(cfg: Config) -> Run:
+    device = resolve_device(cfg.device)
+    enable_nvtx(cfg.nvtx)
+    seed_everything(cfg.seed)
+    dataset = load_data(cfg)
+    splits = make_splits(dataset, cfg.val_fraction, cfg.seed)
+    augment = train_augment(dataset, cfg.flip, cfg.crop_pad)
+    loaders = make_loaders(cfg, splits, augment, device)
+    arch = build_architecture(cfg, device)
+    arch_opt = torch.optim.Adam(arch.parameters(), lr=cfg.arch_lr, betas=(0.5, 0.999),
+                                weight_decay=cfg.arch_weight_decay)
+    gumbel = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    run = Run(cfg, device, cfg.channels_last if cfg.channels_last is not None else device.type == "cpu",
+              dataset, splits, augment, loaders, arch, arch_opt, gumbel)
+    c, _, _ = dataset.image_shape
+    run.new_supernet(darts_spec(c, dataset.num_classes, cfg.channels, cfg.layers, cfg.nodes, cfg.stem_multiplier,
+                                cfg.stem_stride))
+    return run

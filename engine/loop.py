@@ -1,0 +1,255 @@
+"""The phase loop: warmup -> search -> growth -> optimize, then one test evaluation.
+
+    warmup    weights only; every edge is skip_connect
+    search    weight steps on the train split, an architecture step on the val split every `arch_every`
+              weight steps (first-order DARTS), Gumbel temperature annealed
+    growth    search goes on; a growth event (engine/growth.py) may deepen or widen the supernet between epochs
+    optimize  the derived genotype is fixed and its network trained (train+val by default)
+
+Each phase is data (`Phase`: which model, which loader, which steps, what learning rate horizon, what is
+evaluated); the loop orders epochs and events, and the records and the checkpoint follow every epoch, so
+`--resume` continues from the last finished epoch exactly. Steps live in engine/steps.py, schedules in
+engine/schedules.py, records in engine/records.py, the checkpointed state in engine/state.py.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import growth
+from .arch import PHASES, Genotype
+from .build import Model, Run
+from .checkpoint import MetricsLog, write_json
+from .data import Cycle
+from .errors import TrainingError
+from .network import count_parameters
+from .profiling import nvtx_range
+from .records import EpochSums, epoch_line, epoch_record, final_line, final_record, growth_line, progress_bar
+from .schedules import SEARCHING_PHASES, SUPERNET_PHASES, Budget, cosine_lr, handover_bias, temperature_at
+from .state import Progress, save_run
+
+
+@dataclass
+class Phase:
+    """What one phase runs: the model and loader its steps use, its learning-rate schedule, and what its
+    epochs evaluate (`eval_as`: the supernet's architecture policy, None for the derived network; `evaluate`
+    False where the val split is missing or trained on)."""
+    name: str
+    model: Model
+    loader: object
+    lr: float
+    lr_steps: int          # the cosine schedule's horizon, in weight steps
+    supernet: bool
+    searching: bool
+    evaluate: bool
+    eval_as: str | None
+
+
+class PhaseLoop:
+    def __init__(self, run: Run, out: str, progress: Progress, metrics: MetricsLog, *, log,
+                 stop_after: int | None = None, genotype: Genotype | None = None):
+        self.run, self.cfg, self.out, self.p, self.metrics, self.log = run, run.cfg, out, progress, metrics, log
+        self.stop_after = stop_after    # stop (as if interrupted) after this many epochs in this process
+        self.genotype = genotype        # `aso-se train`: optimize this genotype instead of the searched one
+
+    @property
+    def budget(self) -> Budget:
+        opt = self.run.loaders.get("optimize")
+        return Budget(self.cfg, len(self.run.loaders["train"]), len(opt) if opt is not None else None)
+
+    def phase(self, name: str) -> Phase:
+        run, cfg, budget = self.run, self.cfg, self.budget
+        if name in SUPERNET_PHASES:
+            return Phase(name, run.supernet, run.loaders["train"], cfg.lr, budget.supernet_steps(), True,
+                         name in SEARCHING_PHASES, "val" in run.loaders, "warmup" if name == "warmup" else "argmax")
+        # the search evaluates the most likely architecture, not the genotype: its skip cap forces ops into the
+        # cell that the search has barely trained yet (measured 14% vs 64%)
+        return Phase(name, run.final, run.loaders["optimize"], cfg.optimize_lr, budget.phase_steps("optimize"),
+                     False, False, cfg.optimize_data == "train" and "val" in run.loaders, None)
+
+    # ------------------------------------------------------------------------------------------ phases
+    def __call__(self) -> dict | None:
+        """Run (or continue) all phases. Returns the final record, or None if stopped by `stop_after`."""
+        p = self.p
+        t_start = time.perf_counter() - p.elapsed
+        epochs_here = 0
+        while p.phase_index < len(PHASES):
+            name = PHASES[p.phase_index]
+            if p.epoch == 0:
+                self.enter(name)
+            with nvtx_range(name):
+                while p.epoch < self.budget.epochs(name):
+                    if self.stop_after is not None and epochs_here >= self.stop_after:
+                        self.log(f"stopped after {epochs_here} epoch(s); continue with --resume {self.out}")
+                        return None
+                    if name == "growth":
+                        self.maybe_grow()  # at the start of a growth epoch: the grown network then trains
+                    with nvtx_range(f"epoch {p.epoch}"):
+                        record = self.epoch(self.phase(name))
+                    p.epoch += 1
+                    p.global_epoch += 1
+                    epochs_here += 1
+                    p.elapsed = time.perf_counter() - t_start
+                    record["elapsed_s"] = round(p.elapsed, 2)
+                    self.metrics.append(record)
+                    self.log(epoch_line(record))
+                    if record.get("val_acc") is not None and name in SEARCHING_PHASES:
+                        p.val_history.append(record["val_acc"])
+                    self.save("last.pt")
+            self.save(f"{name}.pt")
+            p.phase_index += 1
+            p.epoch = 0
+        return self.finish(time.perf_counter() - t_start)
+
+    def enter(self, name: str) -> None:
+        run, cfg = self.run, self.cfg
+        budget = self.budget.epochs_budget(name)
+        if budget == 0:
+            return
+        self.log(f"== {name}: {budget:g} epoch(s)")
+        if name in SEARCHING_PHASES and cfg.logit_noise > 0:
+            with torch.no_grad():
+                for t in run.arch.parameters():
+                    t.add_(torch.randn(t.shape, generator=run.gumbel, device=t.device) * cfg.logit_noise)
+        if name == "optimize":
+            genotype = self.genotype or run.arch.genotype()
+            final = run.build_final(genotype)
+            self.log(f"   genotype: {genotype}")
+            self.log(f"   derived network: {count_parameters(final.net):,} parameters ({cfg.optimize_init} init)")
+
+    # ------------------------------------------------------------------------------------------ one epoch
+    def epoch(self, ph: Phase) -> dict:
+        run, cfg, p, budget, arch = self.run, self.cfg, self.p, self.budget, self.run.arch
+        n_steps = budget.steps_in_epoch(ph.name, p.epoch)
+        steps = ph.model.steps
+        if not ph.supernet and cfg.drop_path:
+            ph.model.net.set_drop_path(cfg.drop_path * p.epoch / max(1, budget.epochs("optimize")))
+        first_step = p.global_step if ph.supernet else budget.steps_before("optimize", p.epoch)
+        arch_stream = Cycle(run.loaders["arch"], *p.arch_stream) if ph.searching else None
+        if ph.searching and cfg.tau_schedule == "linear":
+            arch.tau = temperature_at(cfg, budget, ph.name, p.epoch, p.arch_steps)
+        step_phase = ph.name if ph.supernet else None
+        steps.prepare(step_phase)
+
+        ph.loader.set_epoch(p.global_epoch)
+        sums = EpochSums()
+        t0 = time.perf_counter()
+        bar = progress_bar(n_steps, f"{ph.name} {p.epoch + 1}/{budget.epochs(ph.name)}", cfg.log_interval)
+        data = iter(ph.loader)
+        for i in range(n_steps):
+            with nvtx_range("data_wait"):
+                x, y = next(data)
+            steps.set_lr(cosine_lr(first_step + i, ph.lr_steps, ph.lr, cfg.lr_min))
+            with nvtx_range("weight_step"):
+                r = steps.weight_step(x, y, step_phase)
+            p.skipped += r.skipped
+            sums.add(r)
+            if ph.searching:  # the next step's sampling: temperature and hand-over bias
+                done = p.epoch + i / n_steps
+                if cfg.tau_schedule == "exp":
+                    arch.tau = temperature_at(cfg, budget, ph.name, p.epoch, p.arch_steps)
+                arch.skip_bias = handover_bias(cfg, ph.name, done)
+                if (p.global_step + 1) % cfg.arch_every == 0 and budget.arch_active(ph.name, done):
+                    xa, ya = next(arch_stream)
+                    with nvtx_range("arch_step"):
+                        ra = steps.arch_step(xa, ya, ph.name)
+                    p.arch_steps += 1
+                    p.skipped += ra.skipped
+                    sums.add_arch(ra)
+            if ph.supernet:
+                p.global_step += 1
+            self.check_skips()
+            bar.update(1)
+            if sums.count:
+                bar.set_postfix(sums.postfix(), refresh=False)
+        bar.close()
+        del data
+        if arch_stream is not None:
+            p.arch_stream = (arch_stream.epoch, arch_stream.pos)
+        train_s = time.perf_counter() - t0
+
+        val = (None, None)
+        if ph.evaluate:  # the val split: the search's own data, never the test set
+            with nvtx_range("eval"):
+                if ph.supernet:
+                    steps.recalibrate_bn(run.loaders["train"], cfg.bn_recalibrate, ph.eval_as)
+                val = steps.evaluate(run.loaders["val"], ph.eval_as)
+        net = ph.model.net
+        genotype = arch.genotype() if ph.supernet else net.genotype  # optimize: the network being trained
+        record = epoch_record(phase=ph.name, epoch=p.epoch + 1, epochs=budget.epochs(ph.name), progress=p,
+                              sums=sums, val=val, arch=arch, model=net, genotype=genotype,
+                              lr=float(ph.model.opt.param_groups[0]["lr"]), n_steps=n_steps, train_s=train_s,
+                              searching=ph.searching, compile_totals=self.compile_totals())
+        if ph.supernet:
+            write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
+        return record
+
+    def compile_totals(self) -> dict:
+        """compiles, recompiles, compile_s so far in this process (zeros when nothing is compiled)."""
+        run = self.run
+        mon = run.supernet.steps.monitor or (run.final.steps.monitor if run.final is not None else None)
+        return mon.totals() if mon is not None else {"compiles": 0, "recompiles": 0, "compile_s": 0.0}
+
+    def check_skips(self) -> None:
+        if self.p.skipped > self.cfg.nan_limit:
+            raise TrainingError(f"{self.p.skipped} steps had a non-finite loss or gradient (nan_limit "
+                                f"{self.cfg.nan_limit}); stopped. Last good checkpoint: "
+                                f"{os.path.join(self.out, 'checkpoints', 'last.pt')}. Lower lr or raise nan_limit.")
+
+    # ------------------------------------------------------------------------------------------ growth
+    def maybe_grow(self) -> None:
+        run, p = self.run, self.p
+        kind = growth.plan_event(self.cfg, run.supernet.net, p.epoch, p.val_history, len(p.growth_history))
+        if kind is not None:
+            event = self.grow(kind)
+            p.growth_history.append(event)
+            self.metrics.append(event)
+            self.log(growth_line(event))
+
+    def grow(self, kind: str) -> dict:
+        """One growth event: the transform, then the grown supernet adopted and each step graph recompiled once."""
+        run, p = self.run, self.p
+        grown = growth.grow(run.supernet.net, run.supernet.opt, run.arch, run.probe_batch(), kind,
+                            width_factor=self.cfg.grow_width_factor)
+        run.adopt_supernet(grown.net, grown.opt)
+        recompile = self.recompile()
+        return {**grown.event, "phase": "growth", "epoch": p.epoch, "global_epoch": p.global_epoch,
+                "step": p.global_step, "recompile_s": recompile["seconds"], "recompiles": recompile["recompiles"]}
+
+    def recompile(self) -> dict:
+        """After a growth event every step graph is thrown away and compiled exactly once, now."""
+        steps = self.run.supernet.steps
+        if not steps.compiling:
+            return {"seconds": 0.0, "recompiles": 0}
+        before = steps.monitor.totals()
+        t0 = time.perf_counter()
+        steps.invalidate()
+        x, y = next(iter(self.run.loaders["train"]))
+        steps.precompile(x, y, "growth")
+        after = steps.monitor.totals()
+        return {"seconds": round(time.perf_counter() - t0, 2), "recompiles": after["recompiles"] - before["recompiles"]}
+
+    # ------------------------------------------------------------------------------------------ end
+    def finish(self, wall: float) -> dict:
+        run, p = self.run, self.p
+        with nvtx_range("test"):
+            if run.final is None:  # no optimize phase: the derived architecture inside the supernet
+                model, genotype = run.supernet, run.arch.genotype()
+                test = model.steps.evaluate(run.loaders["test"], "derive")
+            else:
+                model, genotype = run.final, run.final.net.genotype
+                test = model.steps.evaluate(run.loaders["test"], flip=self.cfg.test_flip)
+        final = final_record(test=test, model=model.net, genotype=genotype, wall=wall, progress=p, arch=run.arch,
+                             device=run.device)
+        write_json(os.path.join(self.out, "final.json"), final)
+        write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
+        self.metrics.append({"phase": "final", **{k: v for k, v in final.items() if k != "genotype"}})
+        self.log(final_line(test[1], final["params"], wall))
+        self.log(f"   genotype: {genotype}")
+        return final
+
+    def save(self, name: str) -> None:
+        save_run(os.path.join(self.out, "checkpoints", name), self.run, self.p, self.metrics.count())
