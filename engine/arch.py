@@ -12,6 +12,9 @@ Per phase (`sample`):
                       skip cap) of the final network
 A step asks for weights once; the op indices each edge must execute are computed here, on the host, in one
 transfer, so the mixed ops never synchronize per edge.
+
+Longer than 300 lines on purpose: sampling (argmax, derive) and the genotype derivation must agree on edge
+order, the `none` exclusion and the skip caps; in one file the two rules are read and changed together.
 """
 from __future__ import annotations
 

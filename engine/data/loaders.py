@@ -6,6 +6,9 @@ sees exactly the batches an uninterrupted one would, and tests can compare loade
 
 Augmentation (train only): zero-pad by `pad` px and crop back to H x W at a random offset, optional
 horizontal flip, then normalize with the data set's per-channel mean/std; output float32 NCHW.
+
+Longer than 300 lines on purpose: the plan, the numpy reference and the three loaders are one contract
+(same batches, sample by sample); kept side by side, a change to one is seen against the others.
 """
 from __future__ import annotations
 
