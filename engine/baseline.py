@@ -25,8 +25,7 @@ class EagerDarts:
 
     def weights(self, phase: str) -> dict[str, torch.Tensor]:
         if phase == "warmup":
-            w = torch.zeros(self.arch.edges, len(self.arch.logits["normal"][0]),
-                            device=self.arch.logits["normal"].device)
+            w = torch.zeros_like(self.arch.logits["normal"], requires_grad=False)
             w[:, SKIP] = 1.0
             return {t: w for t in CELL_TYPES}
         return {t: torch.softmax(self.arch.logits[t], 1) for t in CELL_TYPES}
