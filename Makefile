@@ -11,9 +11,10 @@ PRESET ?= fashion-mnist
 
 .PHONY: run test install data bench clean
 
-# Idempotent: an interrupted run in RUN_DIR is resumed; a finished one is kept and a new run starts beside it.
+# Idempotent: an interrupted run in RUN_DIR is resumed (one killed before its first checkpoint starts again);
+# a finished one (final.json, written last) is kept and a new run starts beside it.
 run: install data
-	@if [ -f $(RUN_DIR)/checkpoints/last.pt ] && [ ! -f $(RUN_DIR)/final.json ]; then \
+	@if [ -f $(RUN_DIR)/config.json ] && [ ! -f $(RUN_DIR)/final.json ]; then \
 	  echo "resuming the unfinished run in $(RUN_DIR)"; \
 	  $(PY) -m engine.cli search --resume $(RUN_DIR); \
 	else \

@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="fashion-mnist")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the searches and the training recipe")
+    p.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the searches only (e.g. search_epochs=5): the trainings stay cached")
     p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for the training recipe only (e.g. optimize_channels=24)")
     p.add_argument("--random", type=int, default=8, help="random genotypes (N)")
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = preset(args.preset).override(args.overrides)
         recipe = base.override(TRAIN_ONLY + [f"optimize_epochs={args.epochs}"] + args.train_set)
+        searched_cfg = base.override(args.search_set)
         search_seeds = [int(s) for s in args.search_seeds.split(",") if s.strip()]
         train_seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
         if not train_seeds:
@@ -160,12 +163,12 @@ def main(argv: list[str] | None = None) -> int:
             if i % shards != shard:
                 continue
             if job[0] == "search":
-                search(base, job[1], args.work)
+                search(searched_cfg, job[1], args.work)
             elif job[0] == "train":
                 (name, _, g), seed = job[1], job[2]
                 train(recipe, name, g, seed, args.work)
             else:
-                found = search(base, job[1], args.work)  # cached when this shard or another already ran it
+                found = search(searched_cfg, job[1], args.work)  # cached when this shard or another already ran it
                 train(recipe, f"search{job[1]}", Genotype.from_json(found["genotype"]), job[2], args.work)
         if shards > 1:
             print(f"shard {shard}/{shards} done in {time.perf_counter() - t0:.0f}s; run again without --shard "
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for seed in search_seeds:
             candidates.append((f"search{seed}", "searched",
-                               Genotype.from_json(search(base, seed, args.work)["genotype"])))
+                               Genotype.from_json(search(searched_cfg, seed, args.work)["genotype"])))
         rows = []
         for name, kind, g in candidates:
             runs = [train(recipe, name, g, seed, args.work) for seed in train_seeds]
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{gap} sd from the random mean  -> {'beats' if s['beats_mean_by_one_sd'] else 'does not beat'} "
                   f"the random mean by one sd")
     write_json(args.json, rows, protocol={
-        "preset": args.preset, "overrides": args.overrides, "train_set": args.train_set, "epochs": args.epochs,
+        "preset": args.preset, "overrides": args.overrides, "search_set": args.search_set, "train_set": args.train_set,
+        "epochs": args.epochs,
         "random": args.random, "random_seed": args.random_seed, "search_seeds": search_seeds,
         "train_seeds": train_seeds, "genotype_files": args.genotype, "recipe": recipe.to_json(),
         "command": " ".join(["python", "bench/search_quality.py", *(argv if argv is not None else sys.argv[1:])])},

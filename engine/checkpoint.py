@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DamagedCheckpoint
 
 FORMAT = "aso-se-checkpoint"
 VERSION = 1
@@ -37,8 +37,15 @@ def _atomic_write(path: str, write) -> None:
 
 
 def save_checkpoint(state: dict, path: str) -> None:
+    """Write atomically; a write that fails (disk full, read-only directory) leaves the previous file as it was
+    and stops with a `CheckpointError` naming the path and the cause."""
     state = {"format": FORMAT, "version": VERSION, **state}
-    _atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        _atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        cause = e.strerror or str(e) or type(e).__name__
+        raise CheckpointError(f"{path}: cannot write checkpoint ({cause}); the previous checkpoint is intact: "
+                              f"free space or fix permissions, then continue with --resume") from None
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -48,17 +55,27 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle/EOF errors all mean the same thing to the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: damaged checkpoint ({msg[:160]}); resume from another file in "
-                              f"checkpoints/ or start again") from None
+        raise DamagedCheckpoint(f"{path}: damaged checkpoint ({msg[:160]}); resume from another file in "
+                                f"checkpoints/ or start again") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an ASO-SE checkpoint")
+        raise DamagedCheckpoint(f"{path}: not an ASO-SE checkpoint")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported "
                               f"(this engine reads version {VERSION})")
     missing = [k for k in REQUIRED if k not in state]
     if missing:
-        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+        raise DamagedCheckpoint(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
     return state
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Delete what writers killed mid-write left behind (`.tmp-*` next to their targets): never a checkpoint."""
+    removed = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+    return removed
 
 
 def write_json(path: str, data) -> None:
@@ -72,10 +89,16 @@ class MetricsLog:
         self.path = path
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """One line, flushed to disk. A line cut short by a kill or a full disk is dropped at resume (the
+        checkpoint counts the lines it covers)."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot write metrics ({e.strerror or e}); the last checkpoint is "
+                                  f"intact: free space, then continue with --resume") from None
 
     def count(self) -> int:
         if not os.path.exists(self.path):
@@ -88,7 +111,7 @@ class MetricsLog:
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip()][:lines]
+            kept = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()][:lines]
         _atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
 
     def read(self) -> list[dict]:

@@ -17,6 +17,7 @@ import os
 import sys
 
 from .errors import AsoseError, ConfigError
+from .stopping import CHECKPOINT_EVERY_S, Stopped
 
 # what `aso-se train` (and bench/search_quality.py) set on top of a preset: the optimize phase alone, fresh init
 TRAIN_ONLY = ["warmup_epochs=0", "search_epochs=0", "growth_epochs=0", "optimize_init=fresh"]
@@ -31,6 +32,12 @@ def _add_common(p: argparse.ArgumentParser, preset_default: str | None = "fashio
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--data-dir", default=None, help="data set directory (default: the data set's usual place)")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight Systems")
+
+
+def _add_checkpoint_every(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY_S, metavar="SECONDS",
+                   help=f"also write checkpoints/last.pt mid-epoch every SECONDS (default {CHECKPOINT_EVERY_S:g}; "
+                        "0: after every step); epochs always end with one")
 
 
 def _config(args):
@@ -49,7 +56,8 @@ def _config(args):
 
 
 def _check_fresh_out(out: str) -> None:
-    if os.path.exists(os.path.join(out, "metrics.jsonl")) or os.path.exists(os.path.join(out, "checkpoints")):
+    from .trainer import holds_run
+    if holds_run(out):
         raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
 
 
@@ -60,6 +68,8 @@ def cmd_search(args) -> int:
         for k, v in Config().to_json().items():
             print(f"{k} = {v!r}")
         return 0
+    if args.from_ and not args.resume:
+        raise ConfigError("--from names a checkpoint to resume from: use it with --resume DIR")
     if args.resume:
         if args.overrides or args.out:
             raise ConfigError("--resume takes the run's own config; drop --set/--out (start a new run to change them)")
@@ -71,13 +81,14 @@ def cmd_search(args) -> int:
             cfg.nvtx = True  # profiling a resumed run changes no result
         if args.device is not None:
             cfg.device = args.device  # another device of the same kind (checked against the checkpoint)
-        trainer = Trainer(cfg, args.resume, resume=True, stop_after=args.stop_after)
+        trainer = Trainer(cfg, args.resume, resume=args.from_ or True, stop_after=args.stop_after,
+                          checkpoint_every_s=args.checkpoint_every)
     else:
         if not args.out:
             raise ConfigError("search needs --out DIR for the run directory (or --resume DIR)")
         cfg = _config(args)
         _check_fresh_out(args.out)
-        trainer = Trainer(cfg, args.out, stop_after=args.stop_after)
+        trainer = Trainer(cfg, args.out, stop_after=args.stop_after, checkpoint_every_s=args.checkpoint_every)
     trainer.run()
     return 0
 
@@ -90,7 +101,8 @@ def cmd_train(args) -> int:
     if args.epochs is not None:
         cfg = cfg.override([f"optimize_epochs={args.epochs}"])
     _check_fresh_out(args.out)
-    Trainer(cfg, args.out, genotype=genotype, stop_after=args.stop_after).run()
+    Trainer(cfg, args.out, genotype=genotype, stop_after=args.stop_after,
+            checkpoint_every_s=args.checkpoint_every).run()
     return 0
 
 
@@ -129,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", help="run directory (must not hold a run already)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from checkpoints/last.pt")
+    p.add_argument("--from", dest="from_", metavar="NAME", default=None,
+                   help="with --resume: continue from this checkpoint instead (e.g. search.pt, when last.pt is "
+                        "damaged)")
+    _add_checkpoint_every(p)
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs in this process (continue later with --resume)")
     p.add_argument("--list-fields", action="store_true", help="print every config field with its default and exit")
@@ -142,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--epochs", type=float, default=None, help="optimize epochs (default: the preset's)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
+    _add_checkpoint_every(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test (or val) split",
@@ -178,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Stopped as e:  # SIGTERM / SIGINT: the checkpoint is written, the run continues with --resume
+        print(f"aso-se: {e}", file=sys.stderr)
+        return e.exit_code
     except AsoseError as e:
         print(f"aso-se: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -23,6 +23,10 @@ class CheckpointError(AsoseError):
     pass
 
 
+class DamagedCheckpoint(CheckpointError):
+    """The file is not a readable checkpoint (truncated, overwritten, another format)."""
+
+
 class TrainingError(AsoseError):
     """The run cannot go on (e.g. too many non-finite losses); the last good checkpoint is intact."""
 

@@ -7,15 +7,16 @@
     optimize  the derived genotype is fixed and its network trained (train+val by default)
 
 Each phase is data (`Phase`: which model, which loader, which steps, what learning rate horizon, what is
-evaluated); the loop orders epochs and events, and the records and the checkpoint follow every epoch, so
-`--resume` continues from the last finished epoch exactly. Steps live in engine/steps.py, schedules in
+evaluated); the loop orders epochs and events. The records and `last.pt` follow every epoch, and `last.pt`
+also every `checkpoint_every_s` seconds at a step boundary (with the loader positions and the epoch's running
+sums) and on SIGTERM/SIGINT (engine/stopping.py), so `--resume` continues from that step exactly. Steps live in engine/steps.py, schedules in
 engine/schedules.py, records in engine/records.py, the checkpointed state in engine/state.py.
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -30,6 +31,7 @@ from .profiling import nvtx_range
 from .records import EpochSums, epoch_line, epoch_record, final_line, final_record, growth_line, progress_bar
 from .schedules import SEARCHING_PHASES, SUPERNET_PHASES, Budget, cosine_lr, handover_bias, temperature_at
 from .state import Progress, save_run
+from .stopping import CheckpointClock, StopRequest, Stopped
 
 
 @dataclass
@@ -50,10 +52,13 @@ class Phase:
 
 class PhaseLoop:
     def __init__(self, run: Run, out: str, progress: Progress, metrics: MetricsLog, *, log,
-                 stop_after: int | None = None, genotype: Genotype | None = None):
+                 stop_after: int | None = None, genotype: Genotype | None = None,
+                 checkpoint_every_s: float | None = None, stop: StopRequest | None = None):
         self.run, self.cfg, self.out, self.p, self.metrics, self.log = run, run.cfg, out, progress, metrics, log
         self.stop_after = stop_after    # stop (as if interrupted) after this many epochs in this process
         self.genotype = genotype        # `aso-se train`: optimize this genotype instead of the searched one
+        self.clock = CheckpointClock(checkpoint_every_s)   # mid-epoch checkpoints
+        self.stop = stop or StopRequest()                   # SIGTERM / SIGINT, read at step boundaries
 
     @property
     def budget(self) -> Budget:
@@ -78,19 +83,20 @@ class PhaseLoop:
         epochs_here = 0
         while p.phase_index < len(PHASES):
             name = PHASES[p.phase_index]
-            if p.epoch == 0:
+            if p.epoch == 0 and p.step == 0:
                 self.enter(name)
             with nvtx_range(name):
                 while p.epoch < self.budget.epochs(name):
                     if self.stop_after is not None and epochs_here >= self.stop_after:
                         self.log(f"stopped after {epochs_here} epoch(s); continue with --resume {self.out}")
                         return None
-                    if name == "growth":
+                    if name == "growth" and p.step == 0:
                         self.maybe_grow()  # at the start of a growth epoch: the grown network then trains
                     with nvtx_range(f"epoch {p.epoch}"):
-                        record = self.epoch(self.phase(name))
+                        record = self.epoch(self.phase(name), t_start)
                     p.epoch += 1
                     p.global_epoch += 1
+                    p.step, p.sums = 0, None
                     epochs_here += 1
                     p.elapsed = time.perf_counter() - t_start
                     record["elapsed_s"] = round(p.elapsed, 2)
@@ -99,6 +105,7 @@ class PhaseLoop:
                     if record.get("val_acc") is not None and name in SEARCHING_PHASES:
                         p.val_history.append(record["val_acc"])
                     self.save("last.pt")
+                    self.stop_if_asked(f"after {name} epoch {p.epoch}")
             self.save(f"{name}.pt")
             p.phase_index += 1
             p.epoch = 0
@@ -121,13 +128,15 @@ class PhaseLoop:
             self.log(f"   derived network: {count_parameters(final.net):,} parameters ({cfg.optimize_init} init)")
 
     # ------------------------------------------------------------------------------------------ one epoch
-    def epoch(self, ph: Phase) -> dict:
+    def epoch(self, ph: Phase, t_start: float) -> dict:
+        """One epoch of `ph` from step `p.step` on (0, or where a mid-epoch checkpoint stopped): its record."""
         run, cfg, p, budget, arch = self.run, self.cfg, self.p, self.budget, self.run.arch
         n_steps = budget.steps_in_epoch(ph.name, p.epoch)
         steps = ph.model.steps
         if not ph.supernet and cfg.drop_path:
             ph.model.net.set_drop_path(cfg.drop_path * p.epoch / max(1, budget.epochs("optimize")))
-        first_step = p.global_step if ph.supernet else budget.steps_before("optimize", p.epoch)
+        # the weight step this epoch began at (p.step of its steps are done when resuming mid-epoch)
+        first_step = p.global_step - p.step if ph.supernet else budget.steps_before("optimize", p.epoch)
         arch_stream = Cycle(run.loaders["arch"], *p.arch_stream) if ph.searching else None
         if ph.searching and cfg.tau_schedule == "linear":
             arch.tau = temperature_at(cfg, budget, ph.name, p.epoch, p.arch_steps)
@@ -135,11 +144,13 @@ class PhaseLoop:
         steps.prepare(step_phase)
 
         ph.loader.set_epoch(p.global_epoch)
-        sums = EpochSums()
+        start = p.step
+        sums = EpochSums(**p.sums) if start else EpochSums()
         t0 = time.perf_counter()
-        bar = progress_bar(n_steps, f"{ph.name} {p.epoch + 1}/{budget.epochs(ph.name)}", cfg.log_interval)
-        data = iter(ph.loader)
-        for i in range(n_steps):
+        bar = progress_bar(n_steps, f"{ph.name} {p.epoch + 1}/{budget.epochs(ph.name)}", cfg.log_interval,
+                           initial=start)
+        data = ph.loader.iter_from(start)
+        for i in range(start, n_steps):
             with nvtx_range("data_wait"):
                 x, y = next(data)
             steps.set_lr(cosine_lr(first_step + i, ph.lr_steps, ph.lr, cfg.lr_min))
@@ -165,6 +176,13 @@ class PhaseLoop:
             bar.update(1)
             if sums.count:
                 bar.set_postfix(sums.postfix(), refresh=False)
+            if i + 1 < n_steps and (self.clock.due() or self.stop.signum is not None):  # mid-epoch checkpoint
+                p.step, p.sums = i + 1, asdict(sums)
+                if arch_stream is not None:
+                    p.arch_stream = (arch_stream.epoch, arch_stream.pos)
+                p.elapsed = time.perf_counter() - t_start
+                self.save("last.pt")
+                self.stop_if_asked(f"at {ph.name} epoch {p.epoch + 1}, step {i + 1}/{n_steps}", bar)
         bar.close()
         del data
         if arch_stream is not None:
@@ -244,12 +262,23 @@ class PhaseLoop:
                 test = model.steps.evaluate(run.loaders["test"], flip=self.cfg.test_flip)
         final = final_record(test=test, model=model.net, genotype=genotype, wall=wall, progress=p, arch=run.arch,
                              device=run.device)
-        write_json(os.path.join(self.out, "final.json"), final)
-        write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
         self.metrics.append({"phase": "final", **{k: v for k, v in final.items() if k != "genotype"}})
+        write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
+        write_json(os.path.join(self.out, "final.json"), final)  # last: a run with final.json is finished
         self.log(final_line(test[1], final["params"], wall))
         self.log(f"   genotype: {genotype}")
         return final
 
     def save(self, name: str) -> None:
         save_run(os.path.join(self.out, "checkpoints", name), self.run, self.p, self.metrics.count())
+        self.clock.reset()
+
+    def stop_if_asked(self, where: str, bar=None) -> None:
+        """After a checkpoint: a signal received meanwhile ends the run here, resumable."""
+        if self.stop.signum is None:
+            return
+        if bar is not None:
+            bar.close()
+        path = os.path.join(self.out, "checkpoints", "last.pt")
+        raise Stopped(f"stopped by {self.stop.name} {where}; checkpoint written: {path}; continue with: "
+                      f"aso-se search --resume {self.out}", self.stop.signum)

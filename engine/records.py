@@ -55,10 +55,10 @@ class EpochSums:
         return dict(loss=f"{self.loss / self.count:.3f}", acc=f"{100 * self.correct / self.count:.1f}%")
 
 
-def progress_bar(total: int, desc: str, interval: float) -> tqdm:
+def progress_bar(total: int, desc: str, interval: float, initial: int = 0) -> tqdm:
     """The epoch's progress bar: stderr, gone when the epoch ends, off when stderr is not a terminal."""
     return tqdm(total=total, desc=desc, leave=False, mininterval=interval, file=sys.stderr, disable=None,
-                dynamic_ncols=True)
+                dynamic_ncols=True, initial=initial)
 
 
 def epoch_record(*, phase: str, epoch: int, epochs: int, progress, sums: EpochSums, val: tuple, arch, model,

@@ -28,6 +28,8 @@ OBSERVATION_FIELDS = ("nvtx", "log_interval")
 class Progress:
     phase_index: int = 0                 # phase in PHASES
     epoch: int = 0                       # epochs finished in that phase
+    step: int = 0                        # steps finished in the current epoch (a mid-epoch checkpoint)
+    sums: dict | None = None             # ... and the epoch's running sums (records.EpochSums) up to there
     global_epoch: int = 0
     global_step: int = 0                 # supernet weight steps
     arch_steps: int = 0
@@ -52,9 +54,10 @@ def save_run(path: str, run: Run, progress: Progress, metrics_lines: int) -> Non
     state = {
         "config": run.cfg.to_json(), "spec": sup.net.spec.to_json(), "genotype": arch.genotype().to_json(),
         "phase_index": progress.phase_index, "epoch": progress.epoch, "global_epoch": progress.global_epoch,
+        "step_in_epoch": progress.step, "epoch_sums": progress.sums,
         "global_step": progress.global_step, "arch_steps": progress.arch_steps,
         "arch_stream": list(progress.arch_stream),
-        "supernet": sup.net.state_dict(), "arch": arch.state_dict(), "tau": arch.tau,
+        "supernet": sup.net.state_dict(), "arch": arch.state_dict(), "tau": arch.tau, "skip_bias": arch.skip_bias,
         "arch_counters": {"nan_events": arch.state.nan_events, "repaired_rows": arch.state.repaired_rows,
                           "histogram": arch.state.histogram},
         "weight_opt": sup.opt.state_dict(), "arch_opt": run.arch_opt.state_dict(),
@@ -94,10 +97,12 @@ def restore_run(path: str, run: Run) -> tuple[Progress, int]:
         raise CheckpointError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
     arch = run.arch
     arch.tau = state["tau"]
+    arch.skip_bias = state.get("skip_bias", 0.0)  # the next step's hand-over bias (absent before issue 13)
     counters = state["arch_counters"]
     arch.state.nan_events, arch.state.repaired_rows = counters["nan_events"], counters["repaired_rows"]
     arch.state.histogram = counters["histogram"]
     progress = Progress(phase_index=state["phase_index"], epoch=state["epoch"], global_epoch=state["global_epoch"],
+                        step=state.get("step_in_epoch", 0), sums=state.get("epoch_sums"),
                         global_step=state["global_step"], arch_steps=state["arch_steps"],
                         arch_stream=tuple(state["arch_stream"]), growth_history=state["growth_history"],
                         val_history=state["val_history"], elapsed=state["elapsed_s"], skipped=state["skipped"])

@@ -3,6 +3,7 @@ opens or resumes the run directory (engine/state.py), and hands both to the phas
 
     Trainer(cfg, "runs/fm").run()                       a new run
     Trainer(cfg, "runs/fm", resume=True).run()          continue from checkpoints/last.pt
+    Trainer(cfg, "runs/fm", resume="search.pt").run()   ... or from another checkpoint of the run
     Trainer(cfg, "runs/fm-train", genotype=g).run()     `aso-se train`: the optimize phase on a given genotype
 
 Its attributes (net, arch, steps, loaders, final_net, ...) are views of the run for tests and benches.
@@ -13,40 +14,84 @@ import os
 
 from .arch import PHASES, Genotype
 from .build import Model, build_run
-from .checkpoint import MetricsLog, write_json
+from .checkpoint import MetricsLog, load_checkpoint, remove_stale_temporaries, write_json
 from .config import Config
+from .errors import CheckpointError, DamagedCheckpoint
 from .loop import PhaseLoop
 from .records import log_to_stdout
 from .state import Progress, restore_run
+from .stopping import CHECKPOINT_EVERY_S, StopRequest
+
+
+def checkpoint_files(out_dir: str) -> list[str]:
+    """The run's checkpoints, newest progress first: last.pt, then the phase checkpoints from the latest phase."""
+    names = ["last.pt"] + [f"{name}.pt" for name in reversed(PHASES)]
+    return [n for n in names if os.path.isfile(os.path.join(out_dir, "checkpoints", n))]
+
+
+def holds_run(out_dir: str) -> bool:
+    """Whether `out_dir` holds work worth keeping: a checkpoint or a final record (a run killed before its first
+    checkpoint left only config.json: nothing to resume, nothing lost by starting again)."""
+    return bool(checkpoint_files(out_dir)) or os.path.isfile(os.path.join(out_dir, "final.json"))
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: str, *, resume: bool = False, stop_after: int | None = None,
-                 genotype: Genotype | None = None, log=None):
+    def __init__(self, cfg: Config, out_dir: str, *, resume: bool | str = False, stop_after: int | None = None,
+                 genotype: Genotype | None = None, log=None, checkpoint_every_s: float | None = CHECKPOINT_EVERY_S):
         self.cfg, self.out = cfg, out_dir
-        self.stop_after, self.genotype = stop_after, genotype
+        self.stop_after, self.genotype, self.checkpoint_every_s = stop_after, genotype, checkpoint_every_s
         self.log = log or log_to_stdout
         self.run_state = build_run(cfg)
         os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
         self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+        if resume and not holds_run(out_dir):
+            self.log(f"{out_dir}: stopped before its first checkpoint; starting the run again from the beginning")
+            resume = False
         if resume:
-            self.progress, lines = restore_run(os.path.join(out_dir, "checkpoints", "last.pt"), self.run_state)
+            for d in (out_dir, os.path.join(out_dir, "checkpoints")):
+                remove_stale_temporaries(d)  # writes a kill cut short; the files they would have replaced are intact
+            name = resume if isinstance(resume, str) else "last.pt"
+            path = name if os.sep in name else os.path.join(out_dir, "checkpoints", name)
+            try:
+                if not os.path.isfile(path):
+                    raise DamagedCheckpoint(f"{path}: checkpoint not found")
+                self.progress, lines = restore_run(path, self.run_state)
+            except DamagedCheckpoint as e:  # raised before anything is restored: point to the newest intact one
+                raise CheckpointError(f"{str(e).split('; ')[0]}; {self._newest_intact(path)}") from None
             self.metrics.truncate(lines)
             p = self.progress
-            self.log(f"resumed {out_dir} at {PHASES[min(p.phase_index, 3)]} epoch {p.epoch} "
-                     f"(global epoch {p.global_epoch})")
+            at = f", step {p.step}" if p.step else ""
+            self.log(f"resumed {out_dir} from {os.path.basename(path)} at {PHASES[min(p.phase_index, 3)]} epoch "
+                     f"{p.epoch}{at} (global epoch {p.global_epoch})")
         else:
             self.progress = Progress()
             self.metrics.truncate(0)
             write_json(os.path.join(out_dir, "config.json"), cfg.to_json())
 
-    def loop(self) -> PhaseLoop:
+    def _newest_intact(self, unusable: str) -> str:
+        """What to do when `unusable` cannot be resumed from: the newest other checkpoint that loads."""
+        for name in checkpoint_files(self.out):
+            path = os.path.join(self.out, "checkpoints", name)
+            if os.path.abspath(path) == os.path.abspath(unusable):
+                continue
+            try:
+                load_checkpoint(path)
+            except CheckpointError:
+                continue
+            return (f"the newest intact checkpoint is {path}: continue from it with "
+                    f"aso-se search --resume {self.out} --from {name}")
+        return f"no intact checkpoint in {os.path.join(self.out, 'checkpoints')}: start the run again with --out"
+
+    def loop(self, stop: StopRequest | None = None) -> PhaseLoop:
         return PhaseLoop(self.run_state, self.out, self.progress, self.metrics, log=self.log,
-                         stop_after=self.stop_after, genotype=self.genotype)
+                         stop_after=self.stop_after, genotype=self.genotype,
+                         checkpoint_every_s=self.checkpoint_every_s, stop=stop)
 
     def run(self) -> dict | None:
-        """Run (or continue) all phases. Returns the final record, or None if stopped by `stop_after`."""
-        return self.loop()()
+        """Run (or continue) all phases. Returns the final record, or None if stopped by `stop_after`. SIGTERM
+        and SIGINT write `last.pt` at the next step boundary and raise `Stopped` (engine/stopping.py)."""
+        with StopRequest().installed() as stop:
+            return self.loop(stop)()
 
     def grow(self, kind: str) -> dict:
         """One growth event on the supernet now (the policy not asked): its event record."""
