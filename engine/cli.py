@@ -61,8 +61,14 @@ def _check_fresh_out(out: str) -> None:
         raise ConfigError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
 
 
+def _check_checkpoint_every(args) -> None:
+    if args.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every:g}: seconds cannot be negative (0: every step)")
+
+
 def cmd_search(args) -> int:
     from .trainer import Trainer
+    _check_checkpoint_every(args)
     if args.list_fields:
         from .config import Config
         for k, v in Config().to_json().items():
@@ -96,6 +102,7 @@ def cmd_search(args) -> int:
 def cmd_train(args) -> int:
     from .arch import Genotype
     from .trainer import Trainer
+    _check_checkpoint_every(args)
     genotype = Genotype.load(args.genotype)
     cfg = _config(args).override(TRAIN_ONLY)
     if args.epochs is not None:

@@ -294,3 +294,9 @@ def test_a_damaged_last_checkpoint_names_the_newest_intact_one(reference, tmp_pa
     assert _files(out) == before  # nothing touched
     assert main(["search", "--resume", str(out), "--from", "growth.pt"]) == 0
     _same_run(out, reference)
+
+
+def test_a_negative_checkpoint_interval_is_refused(tmp_path, capsys):
+    assert main(["search", "--preset", "smoke", "--out", str(tmp_path / "r"), "--checkpoint-every", "-5"]) == 2
+    assert "--checkpoint-every -5: seconds cannot be negative" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
