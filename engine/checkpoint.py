@@ -55,27 +55,23 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zip/pickle/EOF errors all mean the same thing to the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DamagedCheckpoint(f"{path}: damaged checkpoint ({msg[:160]}); resume from another file in "
-                                f"checkpoints/ or start again") from None
+        raise DamagedCheckpoint(path, f"damaged checkpoint ({msg[:160]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise DamagedCheckpoint(f"{path}: not an ASO-SE checkpoint")
+        raise DamagedCheckpoint(path, "not an ASO-SE checkpoint")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is not supported "
                               f"(this engine reads version {VERSION})")
     missing = [k for k in REQUIRED if k not in state]
     if missing:
-        raise DamagedCheckpoint(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+        raise DamagedCheckpoint(path, f"incomplete checkpoint, missing {', '.join(missing)}")
     return state
 
 
-def remove_stale_temporaries(directory: str) -> list[str]:
+def remove_stale_temporaries(directory: str) -> None:
     """Delete what writers killed mid-write left behind (`.tmp-*` next to their targets): never a checkpoint."""
-    removed = []
-    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
         if name.startswith(".tmp-"):
             os.unlink(os.path.join(directory, name))
-            removed.append(name)
-    return removed
 
 
 def write_json(path: str, data) -> None:
@@ -111,7 +107,7 @@ class MetricsLog:
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()][:lines]
+            kept = [line for line in f if line.strip()][:lines]
         _atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
 
     def read(self) -> list[dict]:

@@ -24,7 +24,13 @@ class CheckpointError(AsoseError):
 
 
 class DamagedCheckpoint(CheckpointError):
-    """The file is not a readable checkpoint (truncated, overwritten, another format)."""
+    """The file is not a readable checkpoint (truncated, overwritten, another format). `problem` says what is
+    wrong with it, without the advice the message adds (a resume replaces that advice with a better one)."""
+
+    def __init__(self, path: str, problem: str, advice: str = "resume from another file in checkpoints/ or start "
+                                                              "again"):
+        super().__init__(f"{path}: {problem}; {advice}")
+        self.problem = problem
 
 
 class TrainingError(AsoseError):

@@ -52,12 +52,14 @@ class Trainer:
                 remove_stale_temporaries(d)  # writes a kill cut short; the files they would have replaced are intact
             name = resume if isinstance(resume, str) else "last.pt"
             path = name if os.sep in name else os.path.join(out_dir, "checkpoints", name)
-            try:
-                if not os.path.isfile(path):
-                    raise DamagedCheckpoint(f"{path}: checkpoint not found")
-                self.progress, lines = restore_run(path, self.run_state)
-            except DamagedCheckpoint as e:  # raised before anything is restored: point to the newest intact one
-                raise CheckpointError(f"{str(e).split('; ')[0]}; {self._newest_intact(path)}") from None
+            problem = None if os.path.isfile(path) else "checkpoint not found"
+            if problem is None:
+                try:
+                    self.progress, lines = restore_run(path, self.run_state)
+                except DamagedCheckpoint as e:  # raised before anything is restored
+                    problem = e.problem
+            if problem is not None:  # point to the newest intact checkpoint instead
+                raise CheckpointError(f"{path}: {problem}; {self._newest_intact(path)}")
             self.metrics.truncate(lines)
             p = self.progress
             at = f", step {p.step}" if p.step else ""

@@ -19,6 +19,15 @@ from engine.data import FASHION_MNIST_DIR  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# fields of metrics.jsonl and final.json that hold wall-clock figures: a resumed run equals an uninterrupted one
+# in everything else
+TIMING = {"it_s", "images_s", "epoch_s", "elapsed_s", "wall_s", "grow_s", "recompile_s", "compile_s"}
+
+
+def untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same global RNG state, whatever ran before it: a failure reproduces."""

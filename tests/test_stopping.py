@@ -28,25 +28,25 @@ from engine.loop import PhaseLoop
 from engine.steps import Steps
 from engine.trainer import Trainer
 
+from .conftest import untimed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = {"it_s", "images_s", "epoch_s", "elapsed_s", "wall_s", "grow_s", "recompile_s", "compile_s"}
 
 
 def _quiet(*_):
     pass
 
 
-def _untimed(out) -> list[dict]:
+def _metrics(out) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+        return [json.loads(line) for line in f]
 
 
 def _same_run(out, reference) -> None:
-    assert _untimed(out) == _untimed(reference)
+    assert untimed(_metrics(out)) == untimed(_metrics(reference))
     for name in ("genotype.json", "final.json"):
         mine, theirs = (json.loads((p / name).read_text()) for p in (out, reference))
-        assert {k: v for k, v in mine.items() if k not in TIMING} == \
-               {k: v for k, v in theirs.items() if k not in TIMING}, name
+        assert untimed([mine]) == untimed([theirs]), name
 
 
 def _files(out) -> dict:

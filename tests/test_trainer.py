@@ -18,9 +18,8 @@ from engine.errors import TrainingError
 from engine.steps import Steps
 from engine.trainer import Trainer
 
-from .conftest import needs_fashion_mnist
+from .conftest import needs_fashion_mnist, untimed
 
-TIMING = {"it_s", "images_s", "epoch_s", "elapsed_s", "wall_s", "grow_s", "recompile_s", "compile_s"}
 
 
 def _quiet(*_):
@@ -29,10 +28,6 @@ def _quiet(*_):
 
 def _run(cfg, out, **kw):
     return Trainer(cfg, str(out), log=_quiet, **kw).run()
-
-
-def _untimed(records):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
 def _metrics(out):
@@ -108,7 +103,7 @@ def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path, stop_after):
     assert _run(cfg, out, stop_after=stop_after) is None
     assert len([r for r in _metrics(out) if r["phase"] != "final" and "event" not in r]) == stop_after
     final = Trainer(cfg, str(out), resume=True, log=_quiet).run()
-    assert _untimed(_metrics(out)) == _untimed(_metrics(full_out))
+    assert untimed(_metrics(out)) == untimed(_metrics(full_out))
     assert (out / "genotype.json").read_text() == (full_out / "genotype.json").read_text()
     assert final["test_acc"] == full_final["test_acc"]
 
