@@ -292,11 +292,17 @@ def test_a_damaged_last_checkpoint_names_the_newest_intact_one(reference, tmp_pa
     assert len(err.splitlines()) == 1 and "last.pt: damaged checkpoint" in err
     assert f"newest intact checkpoint is {out / 'checkpoints' / 'growth.pt'}" in err and "--from growth.pt" in err
     assert _files(out) == before  # nothing touched
+    assert main(["search", "--resume", str(out), "--from", "optimize.pt"]) == 2  # a checkpoint never written
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optimize.pt: checkpoint not found" in err and "--from growth.pt" in err
+    assert _files(out) == before
     assert main(["search", "--resume", str(out), "--from", "growth.pt"]) == 0
     _same_run(out, reference)
 
 
-def test_a_negative_checkpoint_interval_is_refused(tmp_path, capsys):
+def test_a_negative_checkpoint_interval_and_from_without_resume_are_refused(tmp_path, capsys):
     assert main(["search", "--preset", "smoke", "--out", str(tmp_path / "r"), "--checkpoint-every", "-5"]) == 2
     assert "--checkpoint-every -5: seconds cannot be negative" in capsys.readouterr().err
+    assert main(["search", "--preset", "smoke", "--out", str(tmp_path / "r"), "--from", "search.pt"]) == 2
+    assert "--from names a checkpoint to resume from: use it with --resume DIR" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
