@@ -52,12 +52,34 @@ class CellWeights:
     unit: bool = False                    # exact one-hot and constant: outputs need no multiply
 
 
-@dataclass
 class ArchState:
-    """Counters a run logs: non-finite fallbacks and the op-selection histogram of the sampled ops."""
-    nan_events: int = 0
-    repaired_rows: int = 0
-    histogram: dict[str, list[int]] = field(default_factory=lambda: {t: [0] * len(PRIMITIVES) for t in CELL_TYPES})
+    """Counters a run logs: non-finite fallbacks and repaired logit rows (device tensors, so counting never
+    makes the host wait; reading them is a host read, done at epoch ends), and the op-selection histogram of
+    the sampled ops (host lists, filled from the indices the host reads anyway to route the step)."""
+
+    def __init__(self):
+        self.counts = torch.zeros(2, dtype=torch.int64)   # nan_events, repaired_rows
+        self.histogram: dict[str, list[int]] = {t: [0] * len(PRIMITIVES) for t in CELL_TYPES}
+
+    def to(self, device) -> "ArchState":
+        self.counts = self.counts.to(device)
+        return self
+
+    @property
+    def nan_events(self) -> int:
+        return int(self.counts[0])
+
+    @nan_events.setter
+    def nan_events(self, value: int) -> None:
+        self.counts[0] = value
+
+    @property
+    def repaired_rows(self) -> int:
+        return int(self.counts[1])
+
+    @repaired_rows.setter
+    def repaired_rows(self, value: int) -> None:
+        self.counts[1] = value
 
 
 class Architecture(nn.Module):
@@ -78,6 +100,14 @@ class Architecture(nn.Module):
         self.tau = 1.0
         self.skip_bias = 0.0
         self.state = ArchState()
+        self._warmup: CellWeights | None = None
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the counters with the logits."""
+        out = super()._apply(fn, recurse)
+        self.state.counts = fn(self.state.counts)
+        self._warmup = None
+        return out
 
     def _init_logits(self, generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
         """N(0, init_std) with `none` pushed down and `skip_connect` up, so `none` cannot dominate the start."""
@@ -89,28 +119,54 @@ class Architecture(nn.Module):
 
     # ------------------------------------------------------------------------------------------ weights
     def sample(self, phase: str, *, grad: bool = False, generator: torch.Generator | None = None) -> dict[str, CellWeights]:
-        """Edge weights for one step. `grad=True` (architecture steps) keeps the graph to the logits."""
+        """Edge weights for one step. `grad=True` (architecture steps) keeps the graph to the logits.
+        Search and growth samples read the ops to route on the host in one transfer for both cell types;
+        warmup weights are a cached constant (no read)."""
         if phase == "warmup":
-            return {t: self._one_hot([SKIP] * self.edges, t) for t in CELL_TYPES}
+            if self._warmup is None:
+                index = torch.full((self.edges,), SKIP, device=self.logits["normal"].device)
+                self._warmup = self._one_hot_index(index, [(SKIP,)] * self.edges)
+            return dict.fromkeys(CELL_TYPES, self._warmup)
         if phase == "derive":
             return self.derived_weights()
         if phase == "argmax":
-            return {t: self._one_hot(self.logits[t].detach().argmax(1).tolist(), t) for t in CELL_TYPES}
+            index = torch.stack([self.logits[t].detach().argmax(1) for t in CELL_TYPES])
+            rows = index.tolist()                                      # one host read
+            return {t: self._one_hot_index(index[i], [() if k == NONE else (k,) for k in rows[i]])
+                    for i, t in enumerate(CELL_TYPES)}
         if phase not in ("search", "growth"):
             raise ValueError(f"no supernet weights for phase {phase!r}")
-        return {t: self._gumbel(t, grad, generator) for t in CELL_TYPES}
+        drawn = {t: self._gumbel(t, grad, generator) for t in CELL_TYPES}
+        if self.hard:
+            rows = torch.stack([drawn[t][1] for t in CELL_TYPES]).tolist()    # the sample's one host read
+            out = {}
+            for t, idx in zip(CELL_TYPES, rows):
+                hist = self.state.histogram[t]
+                for k in idx:
+                    hist[k] += 1
+                out[t] = CellWeights(drawn[t][0], [() if k == NONE else (k,) for k in idx], unit=not grad)
+            return out
+        rows = torch.stack([drawn[t][0].detach() for t in CELL_TYPES]).tolist()  # soft: one read decides skipping
+        return {t: CellWeights(drawn[t][0], self._thresholded(r)) for t, r in zip(CELL_TYPES, rows)}
+
+    def _one_hot_index(self, index: torch.Tensor, active: list[tuple[int, ...]]) -> CellWeights:
+        """One-hot weights from a device index (E,), built on the device; `active` the host's copy of it."""
+        logits = self.logits["normal"]
+        w = torch.zeros(self.edges, len(PRIMITIVES), device=logits.device, dtype=logits.dtype)
+        return CellWeights(w.scatter_(1, index.to(w.device)[:, None], 1.0), active, unit=True)
 
     def _one_hot(self, choice: list[int | None], cell_type: str) -> CellWeights:
+        """One-hot weights from a host list (None: the edge is not in the cell, all-zero row)."""
         logits = self.logits[cell_type]
-        w = torch.zeros(self.edges, len(PRIMITIVES), device=logits.device, dtype=logits.dtype)
-        active = []
+        w = torch.zeros(self.edges, len(PRIMITIVES), dtype=logits.dtype)
         for e, k in enumerate(choice):
             if k is not None:
                 w[e, k] = 1.0
-            active.append(() if k is None or k == NONE else (k,))
-        return CellWeights(w, active, unit=True)
+        active = [() if k is None or k == NONE else (k,) for k in choice]
+        return CellWeights(w.to(logits.device), active, unit=True)
 
-    def _gumbel(self, cell_type: str, grad: bool, generator: torch.Generator | None) -> CellWeights:
+    def _gumbel(self, cell_type: str, grad: bool, generator: torch.Generator | None):
+        """(weights, hard index or None) on the device; no host read."""
         logits = self.logits[cell_type]
         if not grad:
             logits = logits.detach()
@@ -127,30 +183,23 @@ class Architecture(nn.Module):
         skip_row = torch.zeros_like(soft)
         skip_row[:, SKIP] = 1.0
         soft = torch.where(bad, skip_row, soft)
-        if self.hard:
-            index = soft.argmax(dim=1)
-            hard = torch.zeros_like(soft).scatter_(1, index[:, None], 1.0)
-            w = hard - soft.detach() + soft if grad else hard   # straight-through: value one-hot, grad of soft
-            idx = index.tolist()                                     # the step's one host transfer
-            active = [() if k == NONE else (k,) for k in idx]
-            hist = self.state.histogram[cell_type]
-            for k in idx:
-                hist[k] += 1
-        else:
-            w = soft
-            active = self._thresholded(soft.detach())
-        self.state.nan_events += int(bad.sum())
-        return CellWeights(w, active, unit=self.hard and not grad)
+        self.state.counts[0] += bad.sum()
+        if not self.hard:
+            return soft, None
+        index = soft.argmax(dim=1)
+        hard = torch.zeros_like(soft).scatter_(1, index[:, None], 1.0)
+        w = hard - soft.detach() + soft if grad else hard   # straight-through: value one-hot, grad of soft
+        return w, index
 
     def _skip_bias_row(self, like):
         row = torch.zeros_like(like[:1])
         row[0, SKIP] = self.skip_bias
         return row
 
-    def _thresholded(self, soft: torch.Tensor) -> list[tuple[int, ...]]:
-        """Dominant-op skipping: drop ops below skip_threshold; if the top weight reaches
-        dominant_threshold, run only it plus ops above keep_threshold. `none` never runs (its output is 0)."""
-        rows = soft.tolist()
+    def _thresholded(self, rows: list[list[float]]) -> list[tuple[int, ...]]:
+        """Dominant-op skipping, on the host's copy of the soft weights: drop ops below skip_threshold; if the
+        top weight reaches dominant_threshold, run only it plus ops above keep_threshold. `none` never runs
+        (its output is 0)."""
         active = []
         for row in rows:
             top = max(range(len(row)), key=row.__getitem__)
@@ -174,39 +223,44 @@ class Architecture(nn.Module):
 
     # ------------------------------------------------------------------------------------------ upkeep
     @torch.no_grad()
-    def repair_(self) -> int:
-        """Reset non-finite logit rows to a fresh init (after an architecture step); returns rows repaired."""
-        repaired = 0
+    def repair_(self) -> None:
+        """Reset non-finite logit rows to the init prior (after an architecture step), counted; on the device,
+        no host read: a step with non-finite gradients is skipped, so this is belt and braces."""
         for t in CELL_TYPES:
             p = self.logits[t]
-            bad = ~torch.isfinite(p).all(dim=1)
-            n = int(bad.sum())
-            if n:
-                p[bad] = self._init_logits(rows=n).to(p)
-                repaired += n
-        self.state.repaired_rows += repaired
-        return repaired
+            bad = ~torch.isfinite(p).all(dim=1, keepdim=True)
+            p.copy_(torch.where(bad, self._prior_row(p), p))
+            self.state.counts[1] += bad.sum()
+
+    def _prior_row(self, like: torch.Tensor) -> torch.Tensor:
+        row = torch.zeros_like(like[:1])
+        row[0, NONE], row[0, SKIP] = self.none_init, self.skip_init
+        return row
 
     def probabilities(self, cell_type: str) -> torch.Tensor:
         """softmax(logits) per edge (no noise, no temperature): the expected architecture."""
         return torch.softmax(self.logits[cell_type].detach().float(), dim=1)
 
     def statistics(self) -> dict:
-        """Per-edge entropy and max weight, mean entropy, op-selection histogram (sampled ops)."""
-        out = {"tau": self.tau, "nan_events": self.state.nan_events, "repaired_rows": self.state.repaired_rows}
-        entropies = []
-        for t in CELL_TYPES:
-            p = self.probabilities(t)
-            ent = -(p * p.clamp_min(1e-12).log()).sum(1)
-            entropies.append(ent)
-            out[f"{t}_entropy"] = [round(v, 4) for v in ent.tolist()]
-            out[f"{t}_max_weight"] = [round(v, 4) for v in p.max(1).values.tolist()]
+        """Per-edge entropy and max weight, mean entropy, op-selection histogram (sampled ops): one host read."""
+        probs = [self.probabilities(t) for t in CELL_TYPES]
+        ents = [-(p * p.clamp_min(1e-12).log()).sum(1) for p in probs]
+        mean = torch.cat(ents).mean()
+        values = torch.cat([*ents, *(p.max(1).values for p in probs), mean[None],
+                            self.state.counts.to(mean.dtype)]).tolist()
+        e = self.edges
+        out = {"tau": self.tau, "nan_events": int(values[4 * e + 1]), "repaired_rows": int(values[4 * e + 2])}
+        for i, t in enumerate(CELL_TYPES):
+            out[f"{t}_entropy"] = [round(v, 4) for v in values[i * e:(i + 1) * e]]
+            out[f"{t}_max_weight"] = [round(v, 4) for v in values[(2 + i) * e:(3 + i) * e]]
             out[f"{t}_histogram"] = dict(zip(PRIMITIVES, self.state.histogram[t]))
-        out["mean_entropy"] = float(torch.cat(entropies).mean())
+        out["mean_entropy"] = values[4 * e]
         return out
 
     def genotype(self) -> "Genotype":
-        return Genotype.from_probabilities({t: self.probabilities(t) for t in CELL_TYPES}, self.nodes, self.max_skip,
+        """The derived genotype: one host read (both cell types' probabilities), derived on the host."""
+        rows = torch.stack([self.probabilities(t) for t in CELL_TYPES]).tolist()
+        return Genotype.from_probabilities(dict(zip(CELL_TYPES, rows)), self.nodes, self.max_skip,
                                            self.max_skip_reduce)
 
 
@@ -244,22 +298,23 @@ class Genotype:
         parsed = {}
         for t in CELL_TYPES:
             cap = max_skip if t == "normal" else max_skip_reduce
-            p = probs[t].clone()
-            p[:, NONE] = -1.0
+            rows = probs[t].tolist() if isinstance(probs[t], torch.Tensor) else probs[t]
+            p = [[-1.0 if k == NONE else float(v) for k, v in enumerate(row)] for row in rows]
+            best_op = lambda e: max(range(len(p[e])), key=p[e].__getitem__)  # noqa: E731 (first of ties)
             while True:
                 pairs, edges = [], []
                 for node in range(nodes):
-                    rows = [(float(p[edge_index(node, s)].max()), s) for s in range(2 + node)]
-                    best = sorted(rows, key=lambda r: (-r[0], r[1]))[:2]
+                    scored = [(max(p[edge_index(node, s)]), s) for s in range(2 + node)]
+                    best = sorted(scored, key=lambda r: (-r[0], r[1]))[:2]
                     for _, s in sorted(best, key=lambda r: r[1]):
                         e = edge_index(node, s)
-                        pairs.append((PRIMITIVES[int(p[e].argmax())], s))
+                        pairs.append((PRIMITIVES[best_op(e)], s))
                         edges.append(e)
                 skips = [e for (op, _), e in zip(pairs, edges) if op == "skip_connect"]
                 if cap is None or len(skips) <= cap:
                     break
-                weakest = min(skips, key=lambda e: (float(p[e, SKIP]), e))
-                p[weakest, SKIP] = -1.0
+                weakest = min(skips, key=lambda e: (p[e][SKIP], e))
+                p[weakest][SKIP] = -1.0
             parsed[t] = pairs
         concat = list(range(2, 2 + nodes))
         return cls(parsed["normal"], concat, parsed["reduce"], list(concat))

@@ -6,8 +6,9 @@ Strategy (measured on the 2-core CPU; see README "Compiling"):
     search, growth      the executed op set changes every step (hard sampling, skipping): one graph per op
                         variant (op, stride, feature-map size), routed eagerly by the mixed op, so any sample
                         runs compiled code and a new sample never compiles anything
-    optimizer           compiled with tensor learning rates (a schedule causes no recompile); CUDA only by
-                        default, where it fuses the update
+    optimizer           never compiled: on CUDA the fused SGD/Adam kernels (one multi-tensor launch, the skip
+                        of a non-finite step decided on the device), so the changing set of sampled ops (None
+                        grads) and the schedule (a float argument) can cause no recompile
 
 `CompileMonitor` counts and times every compilation from torch's own callbacks (torch._dynamo
 callback_handler) and attributes it to the graph being run. A compilation of a graph compiled before is
@@ -156,7 +157,7 @@ def resolve_policy(setting: str, device: torch.device) -> dict:
     """
     cuda = device.type == "cuda"
     on = setting == "on" or (setting == "auto" and cuda)
-    return {"static": on or setting == "static", "ops": on, "optimizer": on and cuda,
+    return {"static": on or setting == "static", "ops": on, "sync_free": cuda,
             "mode": "reduce-overhead" if cuda else "default"}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -145,7 +145,11 @@ class PhaseLoop:
 
         ph.loader.set_epoch(p.global_epoch)
         start = p.step
-        sums = EpochSums(**p.sums) if start else EpochSums()
+        # the sums stay on the device; the host reads them when the progress bar refreshes, at a checkpoint
+        # and at the epoch's end (p.skipped: the run's skipped steps before this epoch's sums began)
+        sums = EpochSums(run.device, p.sums if start else None)
+        skipped_before = p.skipped
+        refresh = CheckpointClock(cfg.log_interval)
         t0 = time.perf_counter()
         bar = progress_bar(n_steps, f"{ph.name} {p.epoch + 1}/{budget.epochs(ph.name)}", cfg.log_interval,
                            initial=start)
@@ -156,7 +160,6 @@ class PhaseLoop:
             steps.set_lr(cosine_lr(first_step + i, ph.lr_steps, ph.lr, cfg.lr_min))
             with nvtx_range("weight_step"):
                 r = steps.weight_step(x, y, step_phase)
-            p.skipped += r.skipped
             sums.add(r)
             if ph.searching:  # the next step's sampling: temperature and hand-over bias
                 done = p.epoch + i / n_steps
@@ -168,16 +171,16 @@ class PhaseLoop:
                     with nvtx_range("arch_step"):
                         ra = steps.arch_step(xa, ya, ph.name)
                     p.arch_steps += 1
-                    p.skipped += ra.skipped
                     sums.add_arch(ra)
             if ph.supernet:
                 p.global_step += 1
-            self.check_skips()
             bar.update(1)
-            if sums.count:
-                bar.set_postfix(sums.postfix(), refresh=False)
-            if i + 1 < n_steps and (self.clock.due() or self.stop.signum is not None):  # mid-epoch checkpoint
-                p.step, p.sums = i + 1, asdict(sums)
+            checkpoint = i + 1 < n_steps and (self.clock.due() or self.stop.signum is not None)
+            if checkpoint or refresh.due():
+                self.read_sums(sums, skipped_before, bar)
+                refresh.reset()
+            if checkpoint:  # mid-epoch checkpoint
+                p.step, p.sums = i + 1, {k: v for k, v in sums.values().items() if k != "skipped"}
                 if arch_stream is not None:
                     p.arch_stream = (arch_stream.epoch, arch_stream.pos)
                 p.elapsed = time.perf_counter() - t_start
@@ -185,6 +188,7 @@ class PhaseLoop:
                 self.stop_if_asked(f"at {ph.name} epoch {p.epoch + 1}, step {i + 1}/{n_steps}", bar)
         bar.close()
         del data
+        totals = self.read_sums(sums, skipped_before)  # before this epoch's checkpoint: never save past nan_limit
         if arch_stream is not None:
             p.arch_stream = (arch_stream.epoch, arch_stream.pos)
         train_s = time.perf_counter() - t0
@@ -198,7 +202,7 @@ class PhaseLoop:
         net = ph.model.net
         genotype = arch.genotype() if ph.supernet else net.genotype  # optimize: the network being trained
         record = epoch_record(phase=ph.name, epoch=p.epoch + 1, epochs=budget.epochs(ph.name), progress=p,
-                              sums=sums, val=val, arch=arch, model=net, genotype=genotype,
+                              sums=totals, val=val, arch=arch, model=net, genotype=genotype,
                               lr=float(ph.model.opt.param_groups[0]["lr"]), n_steps=n_steps, train_s=train_s,
                               searching=ph.searching, compile_totals=self.compile_totals())
         if ph.supernet:
@@ -210,6 +214,16 @@ class PhaseLoop:
         run = self.run
         mon = run.supernet.steps.monitor or (run.final.steps.monitor if run.final is not None else None)
         return mon.totals() if mon is not None else {"compiles": 0, "recompiles": 0, "compile_s": 0.0}
+
+    def read_sums(self, sums: EpochSums, skipped_before: int, bar=None) -> dict:
+        """One host read: the epoch's sums so far; updates the run's skipped count (and stops the run past
+        nan_limit) and the progress bar's loss and accuracy."""
+        v = sums.values()
+        self.p.skipped = skipped_before + v["skipped"]
+        self.check_skips()
+        if bar is not None and v["count"]:
+            bar.set_postfix(EpochSums.postfix(v), refresh=False)
+        return v
 
     def check_skips(self) -> None:
         if self.p.skipped > self.cfg.nan_limit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
 from .network import count_parameters
@@ -29,30 +30,37 @@ def log_to_stdout(msg: str) -> None:
     tqdm.write(msg, file=sys.stdout)
 
 
-@dataclass
 class EpochSums:
-    """Running sums of an epoch's weight and architecture steps (skipped steps count nowhere)."""
-    loss: float = 0.0
-    correct: int = 0
-    count: int = 0
-    arch_loss: float = 0.0
-    arch_correct: int = 0
-    arch_count: int = 0
+    """Running sums of an epoch's weight and architecture steps, one float64 tensor on the device (skipped
+    steps count only as skipped): adding a step's result makes the host wait for nothing; `values()` reads
+    them all in one host read (progress refreshes, checkpoints, the epoch's end)."""
+    FIELDS = ("loss", "correct", "count", "arch_loss", "arch_correct", "arch_count", "skipped")
+
+    def __init__(self, device=None, values: dict | None = None):
+        values = values or {}
+        self.t = torch.tensor([float(values.get(k, 0.0)) for k in self.FIELDS], dtype=torch.float64, device=device)
 
     def add(self, r: StepResult) -> None:
-        if not r.skipped:
-            self.loss += r.loss * r.count
-            self.correct += r.correct
-            self.count += r.count
+        self._add(r, 0)
 
     def add_arch(self, r: StepResult) -> None:
-        if not r.skipped:
-            self.arch_loss += r.loss * r.count
-            self.arch_correct += r.correct
-            self.arch_count += r.count
+        self._add(r, 3)
 
-    def postfix(self) -> dict:
-        return dict(loss=f"{self.loss / self.count:.3f}", acc=f"{100 * self.correct / self.count:.1f}%")
+    def _add(self, r: StepResult, at: int) -> None:
+        ok = r.ok_t.to(torch.float64)
+        self.t[at:at + 3] += torch.stack([torch.where(r.ok_t, r.loss_t.double() * r.count, 0.0),
+                                          r.correct_t.double() * ok, ok * r.count])
+        self.t[6] += 1.0 - ok
+
+    def values(self) -> dict:
+        """Every sum as a number (one host read); counts as ints."""
+        v = dict(zip(self.FIELDS, self.t.tolist()))
+        return {k: (int(x) if k in ("correct", "count", "arch_correct", "arch_count", "skipped") else x)
+                for k, x in v.items()}
+
+    @staticmethod
+    def postfix(v: dict) -> dict:
+        return dict(loss=f"{v['loss'] / max(v['count'], 1):.3f}", acc=f"{100 * v['correct'] / max(v['count'], 1):.1f}%")
 
 
 def progress_bar(total: int, desc: str, interval: float, initial: int = 0) -> tqdm:
@@ -61,19 +69,21 @@ def progress_bar(total: int, desc: str, interval: float, initial: int = 0) -> tq
                 dynamic_ncols=True, initial=initial)
 
 
-def epoch_record(*, phase: str, epoch: int, epochs: int, progress, sums: EpochSums, val: tuple, arch, model,
+def epoch_record(*, phase: str, epoch: int, epochs: int, progress, sums: dict, val: tuple, arch, model,
                  genotype, lr: float, n_steps: int, train_s: float, searching: bool, compile_totals: dict) -> dict:
-    """metrics.jsonl's record of one epoch (`epoch` counts from 1; `progress` as after the epoch's steps)."""
+    """metrics.jsonl's record of one epoch (`epoch` counts from 1; `progress` as after the epoch's steps;
+    `sums`: EpochSums.values())."""
     val_loss, val_acc = val
     stats = arch.statistics()
-    images = sums.count + sums.arch_count
+    s = sums
+    images = s["count"] + s["arch_count"]
     record = {
         "phase": phase, "epoch": epoch, "epochs": epochs, "global_epoch": progress.global_epoch + 1,
         "step": progress.global_step, "arch_steps": progress.arch_steps,
-        "train_loss": rounded(sums.loss / max(sums.count, 1)), "train_acc": rounded(sums.correct / max(sums.count, 1)),
+        "train_loss": rounded(s["loss"] / max(s["count"], 1)), "train_acc": rounded(s["correct"] / max(s["count"], 1)),
         "val_loss": rounded(val_loss), "val_acc": rounded(val_acc),
-        "arch_loss": rounded(sums.arch_loss / sums.arch_count) if sums.arch_count else None,
-        "arch_acc": rounded(sums.arch_correct / sums.arch_count) if sums.arch_count else None,
+        "arch_loss": rounded(s["arch_loss"] / s["arch_count"]) if s["arch_count"] else None,
+        "arch_acc": rounded(s["arch_correct"] / s["arch_count"]) if s["arch_count"] else None,
         "mean_entropy": rounded(stats["mean_entropy"]), "tau": rounded(arch.tau) if searching else None,
         "lr": rounded(lr), "it_s": rounded(n_steps / train_s, 3),
         "images_s": rounded(images / train_s, 1), "epoch_s": rounded(train_s, 2),

@@ -58,7 +58,7 @@ def save_run(path: str, run: Run, progress: Progress, metrics_lines: int) -> Non
         "global_step": progress.global_step, "arch_steps": progress.arch_steps,
         "arch_stream": list(progress.arch_stream),
         "supernet": sup.net.state_dict(), "arch": arch.state_dict(), "tau": arch.tau, "skip_bias": arch.skip_bias,
-        "arch_counters": {"nan_events": arch.state.nan_events, "repaired_rows": arch.state.repaired_rows,
+        "arch_counters": {**dict(zip(("nan_events", "repaired_rows"), arch.state.counts.tolist())),
                           "histogram": arch.state.histogram},
         "weight_opt": sup.opt.state_dict(), "arch_opt": run.arch_opt.state_dict(),
         "final_genotype": None, "final_net": None, "final_opt": None,
@@ -89,10 +89,12 @@ def restore_run(path: str, run: Run) -> tuple[Progress, int]:
         run.arch.load_state_dict(state["arch"])
         run.supernet.opt.load_state_dict(state["weight_opt"])
         run.arch_opt.load_state_dict(state["arch_opt"])
+        run.supernet.steps.configure_optimizers()  # the loaded flags are the writer's device's (fused or not)
         if state["final_net"] is not None:
             final = run.build_final(Genotype.from_json(state["final_genotype"], path))
             final.net.load_state_dict(state["final_net"])
             final.opt.load_state_dict(state["final_opt"])
+            final.steps.configure_optimizers()
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
     arch = run.arch

@@ -17,8 +17,6 @@ A non-finite loss or gradient skips the step (nothing is updated); the trainer c
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +29,63 @@ from .profiling import nvtx_range
 STATIC_PHASES = ("warmup", "optimize")
 
 
-@dataclass
 class StepResult:
-    loss: float
-    correct: int
-    count: int
-    skipped: bool = False
+    """One step's outcome, kept on the device: `loss` (the raw loss), `correct` (right predictions), `ok`
+    (False: a non-finite loss or gradient, so nothing was updated) are tensors the loop sums on the device
+    (records.EpochSums). The float/int/bool properties read them back: a host read each (tests, benches)."""
+    __slots__ = ("loss_t", "correct_t", "ok_t", "count")
+
+    def __init__(self, loss: torch.Tensor, correct: torch.Tensor, count: int, ok: torch.Tensor):
+        self.loss_t, self.correct_t, self.count, self.ok_t = loss, correct, count, ok
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_t)
+
+    @property
+    def correct(self) -> int:
+        return int(self.correct_t) if bool(self.ok_t) else 0
+
+    @property
+    def skipped(self) -> bool:
+        return not bool(self.ok_t)
+
+
+def configure_optimizer(opt: torch.optim.Optimizer, fused: bool) -> None:
+    """Fused optimizers (one multi-tensor kernel, and a skip decided on the device through `found_inf`, as
+    torch.amp's GradScaler does) where steps must not read the device; torch's default implementation
+    elsewhere. Applied again after `load_state_dict`, which brings back the flags a checkpoint was written with."""
+    for g in opt.param_groups:
+        if fused:
+            g["fused"], g["foreach"] = True, None
+        elif g.get("fused"):
+            g["fused"] = None   # the constructor's default: torch picks (the for-loop kernels on the CPU)
+    if not fused:
+        return
+    for p, st in opt.state.items():  # written without fusing: Adam's step count on the CPU, the kernel wants it by p
+        if torch.is_tensor(st.get("step")) and st["step"].device != p.device:
+            st["step"] = st["step"].to(p.device)
+    for g in opt.param_groups:
+        if isinstance(opt, torch.optim.SGD) and g["momentum"] != 0:
+            # torch's fused SGD fails when only some parameters have a momentum buffer (a sampled op's first
+            # update); a zero buffer gives that update exactly what the first one would: 0.9 * 0 + d_p = d_p
+            for p in g["params"]:
+                if "momentum_buffer" not in opt.state[p] or opt.state[p]["momentum_buffer"] is None:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, ok: torch.Tensor, sync_free: bool) -> None:
+    """`opt.step()` unless `ok` is False. sync_free: the fused kernel skips the update on the device when
+    found_inf is set (momentum and Adam moments untouched, Adam's step count restored), so the host never
+    reads `ok`; otherwise the host reads it (the CPU, where a read is a load from memory)."""
+    if sync_free:
+        opt.found_inf = (~ok).to(torch.float32)
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf
+    elif bool(ok):
+        opt.step()
 
 
 class Steps:
@@ -56,10 +105,8 @@ class Steps:
         self.monitor: CompileMonitor | None = get_monitor(recompile_limit) if self.compiling else None
         self._static: dict = {}       # phase -> compiled forward+loss
         self._op_graphs = False
-        self._opt_step = None
-        self._tensor_lr = False
-        if self.policy["optimizer"]:
-            self._compile_optimizer()
+        self.sync_free = self.policy["sync_free"]   # no host read in a weight step (fused optimizers)
+        self.configure_optimizers()
 
     # ------------------------------------------------------------------------------------------ setup
     def criterion(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -71,19 +118,17 @@ class Steps:
     def _graph(self, name: str):
         return self.monitor.graph(name) if self.monitor is not None else contextlib.nullcontext()
 
-    def _compile_optimizer(self) -> None:
-        # tensor learning rates: the schedule writes into them, so it never causes a recompile
-        for g in self.weight_opt.param_groups:
-            g["lr"] = torch.tensor(float(g["lr"]), device=g["params"][0].device)
-        self._tensor_lr = True
-        self._opt_step = torch.compile(self.weight_opt.step, dynamic=False)
+    def configure_optimizers(self) -> None:
+        """(Again) after an optimizer's state is loaded from a checkpoint."""
+        for opt in (self.weight_opt, self.arch_opt):
+            if opt is not None:
+                configure_optimizer(opt, self.sync_free)
 
     def set_lr(self, lr: float) -> None:
+        """A Python float: the fused kernel takes it as an argument, so a schedule neither reads the device nor
+        recompiles anything."""
         for g in self.weight_opt.param_groups:
-            if self._tensor_lr:
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
+            g["lr"] = lr
 
     def prepare(self, phase: str | None) -> None:
         """Set up the compiled graphs `phase` uses (compiled lazily, on first call, unless precompiled)."""
@@ -117,8 +162,6 @@ class Steps:
             OpGraphs.remove(self.net)
             self._op_graphs = False
             phases.append("search")
-        if self._opt_step is not None:
-            self._opt_step = torch.compile(self.weight_opt.step, dynamic=False)
         for phase in phases:
             self.prepare(phase)
 
@@ -162,6 +205,8 @@ class Steps:
             self.net.train()
 
     def weight_step(self, x: torch.Tensor, y: torch.Tensor, phase: str | None = None) -> StepResult:
+        """No host read with `sync_free` (search and growth: the sample's routing read, see Architecture.sample).
+        A non-finite loss or gradient norm skips the update, decided on the device."""
         self._train_mode()
         key = phase or "optimize"
         with self._graph(f"{key}.weight_step"):
@@ -173,43 +218,37 @@ class Steps:
                 else:
                     out = self._forward(x, phase, grad_arch=False)
                     loss = self.criterion(out, y)
-            loss_value = float(loss.detach())  # sync point: needed to decide whether to step
-            if not math.isfinite(loss_value):
-                return StepResult(loss_value, 0, len(y), skipped=True)
-            correct = int((out.detach().argmax(1) == y).sum())
+            correct = (out.detach().argmax(1) == y).sum()
             params = [p for g in self.weight_opt.param_groups for p in g["params"]]
             self.weight_opt.zero_grad(set_to_none=True)
             with nvtx_range("backward"):
                 loss.backward(inputs=params)
             with nvtx_range("optimizer"):
                 norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-                if not torch.isfinite(norm):
-                    self.weight_opt.zero_grad(set_to_none=True)
-                    return StepResult(loss_value, 0, len(y), skipped=True)
-                (self._opt_step or self.weight_opt.step)()
-        return StepResult(loss_value, correct, len(y))
+                ok = torch.isfinite(norm) & torch.isfinite(loss.detach())
+                optimizer_step(self.weight_opt, ok, self.sync_free)
+        return StepResult(loss.detach(), correct, len(y), ok)
 
     def arch_step(self, x: torch.Tensor, y: torch.Tensor, phase: str) -> StepResult:
+        """One host read (the sample's routing). A non-finite loss or logit gradient skips the update, decided
+        on the device; non-finite logit rows are reset on the device (Architecture.repair_)."""
         self._train_mode()
         logits = list(self.arch.parameters())
         with self._graph(f"{phase}.arch_step"):
             with nvtx_range("forward"):
                 out = self._forward(self._input(x), phase, grad_arch=True)
                 loss = self.criterion(out, y)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                return StepResult(loss_value, 0, len(y), skipped=True)
             with nvtx_range("backward"):
                 grads = torch.autograd.grad(loss, logits, allow_unused=True)
-        if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
-            return StepResult(loss_value, 0, len(y), skipped=True)
         with nvtx_range("optimizer"):
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(logits, grads)]
+            ok = torch.stack([torch.isfinite(loss.detach())] + [torch.isfinite(g).all() for g in grads]).all()
             for p, g in zip(logits, grads):
-                p.grad = torch.zeros_like(p) if g is None else g
-            self.arch_opt.step()
+                p.grad = g
+            optimizer_step(self.arch_opt, ok, self.sync_free)
             self.arch_opt.zero_grad(set_to_none=True)
-            self.arch.repair_()  # belt and braces: a non-finite logit row is re-initialized, and counted
-        return StepResult(loss_value, int((out.detach().argmax(1) == y).sum()), len(y))
+            self.arch.repair_()  # belt and braces: a non-finite logit row is reset to the prior, and counted
+        return StepResult(loss.detach(), (out.detach().argmax(1) == y).sum(), len(y), ok)
 
     # ------------------------------------------------------------------------------------------ eval
     def eager(self):
@@ -223,16 +262,18 @@ class Steps:
         augmentation, the mean of the logits of each image and its mirror (for networks trained with flips)."""
         self.net.eval()
         sample = self.arch.sample(phase) if self.net.is_supernet else None
-        total_loss, correct, count = 0.0, 0, 0
+        sums, count = None, 0   # (loss sum, correct) on the device, read once at the end
         with self.eager():
             for x, y in loader:
                 out = self._eval_forward(x, sample)
                 if flip:
                     out = 0.5 * (out + self._eval_forward(x.flip(-1), sample))
-                total_loss += float(F.cross_entropy(out, y, reduction="sum"))
-                correct += int((out.argmax(1) == y).sum())
+                batch = torch.stack([F.cross_entropy(out, y, reduction="sum").double(),
+                                     (out.argmax(1) == y).sum().double()])
+                sums = batch if sums is None else sums + batch
                 count += len(y)
         self.net.train()
+        total_loss, correct = sums.tolist() if sums is not None else (0.0, 0.0)
         return total_loss / max(count, 1), correct / max(count, 1)
 
     def _eval_forward(self, x: torch.Tensor, sample) -> torch.Tensor:

@@ -104,7 +104,11 @@ def test_nan_logits_fall_back_to_skip_and_are_counted():
     (sample["normal"].weights.sum() + sample["reduce"].weights.sum()).backward()
     for t in CELL_TYPES:
         assert torch.isfinite(arch.logits[t].grad).all()  # the where() trap would put NaN here
-    assert arch.repair_() == 2 and torch.isfinite(arch.logits["normal"]).all()
+    arch.repair_()  # on the device: reset to the prior and counted, no host read
+    assert arch.state.repaired_rows == 2 and torch.isfinite(arch.logits["normal"]).all()
+    prior = [0.0] * len(PRIMITIVES)
+    prior[PRIMITIVES.index("none")], prior[SKIP] = arch.none_init, arch.skip_init
+    assert arch.logits["normal"][3].tolist() == prior
 
 
 def test_gumbel_noise_never_takes_log_of_zero(monkeypatch):
