@@ -11,7 +11,9 @@ so data, architecture, Gumbel generator and supernet are built in this order, al
 """
 from __future__ import annotations
 
+import os
 import random
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,10 +30,35 @@ from .steps import Steps
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        reason = unusable_gpu()
+        if reason and reason not in _WARNED:
+            _WARNED.add(reason)
+            print(f"aso-se: WARNING: {reason}; running on the CPU (pass --device cpu to say so and silence this)",
+                  file=sys.stderr, flush=True)
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
     return torch.device(name)
+
+
+_WARNED: set[str] = set()
+
+
+def unusable_gpu() -> str | None:
+    """Why an NVIDIA GPU this machine has cannot be used by this torch (a driver too old for the wheel's CUDA,
+    most often), or None when there is no GPU to miss: `device=auto` must not fall back to the CPU silently."""
+    if not any(os.path.exists(p) for p in ("/dev/nvidia0", "/dev/nvidiactl")):
+        return None
+    driver = ""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            driver = f" (driver: {f.readline().strip()[:80]})"
+    except OSError:
+        pass
+    return (f"an NVIDIA GPU is present but torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot "
+            f"use it{driver}: update the NVIDIA driver, or install a torch build for the driver's CUDA version")
 
 
 def seed_everything(seed: int) -> None:

@@ -192,7 +192,7 @@ class _OpRunner:
     """Calls a compiled op, naming its graph (op, stride, feature-map size) for the monitor."""
 
     def __init__(self, op, name: str, mon: CompileMonitor):
-        self.compiled = torch.compile(op, dynamic=False)
+        self.compiled = torch.compile(op, dynamic=False, fullgraph=True)
         self.name, self.monitor = name, mon
 
     def __call__(self, x):

@@ -157,7 +157,10 @@ class DerivedCell(Cell):
         self.keys = [edge_key(self.pairs, i) for i in range(len(self.pairs))]
         self.edges = nn.ModuleDict({key: make_op(op, spec.c, self._stride(src), affine)
                                     for key, (op, src) in zip(self.keys, self.pairs)})
-        self.drop_prob = 0.0
+        # drop path: on/off is a Python flag (set once, when the run uses it); the keep probability is a device
+        # tensor the schedule writes into, so a compiled graph (a CUDA graph) is not re-recorded each epoch
+        self.drop_path = False
+        self.register_buffer("keep", torch.ones(()), persistent=False)
 
     def forward(self, s0, s1, weights=None, dense=None):
         states = [self.pre0(s0), self.pre1(s1)]
@@ -166,10 +169,9 @@ class DerivedCell(Cell):
             for key, (_, src) in zip(self.keys[2 * node: 2 * node + 2], self.pairs[2 * node: 2 * node + 2]):
                 op = self.edges[key]
                 y = op(states[src])
-                if self.training and self.drop_prob > 0 and not isinstance(op, Identity):
-                    keep = 1.0 - self.drop_prob
-                    mask = torch.empty(y.shape[0], 1, 1, 1, device=y.device, dtype=y.dtype).bernoulli_(keep)
-                    y = y * mask / keep
+                if self.training and self.drop_path and not isinstance(op, Identity):
+                    mask = torch.bernoulli(self.keep.to(y.dtype).expand(y.shape[0], 1, 1, 1))
+                    y = y * mask / self.keep
                 terms.append(y)
             states.append(self._sum(terms))
         return torch.cat(states[2:], dim=1)
@@ -217,9 +219,12 @@ class Network(nn.Module):
         return self.classifier(self.pool(states[-1]).flatten(1))
 
     def set_drop_path(self, prob: float) -> None:
+        """Drop each non-identity op's output with probability `prob` in training (written into the cells'
+        device tensors: no recompile when it changes)."""
         for cell in self.cells:
             if isinstance(cell, DerivedCell):
-                cell.drop_prob = prob
+                cell.drop_path = True
+                cell.keep.fill_(1.0 - prob)
 
 
 def scale_spec(spec: NetSpec, channels: int) -> NetSpec:

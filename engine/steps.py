@@ -136,7 +136,9 @@ class Steps:
             return
         key = phase or "optimize"
         if key in STATIC_PHASES and self.policy["static"] and key not in self._static:
-            self._static[key] = torch.compile(self._static_loss(key), mode=self.policy["mode"], dynamic=False)
+            # fullgraph: a graph break would split the step (and its CUDA graph); it is an error instead
+            self._static[key] = torch.compile(self._static_loss(key), mode=self.policy["mode"], dynamic=False,
+                                              fullgraph=True)
         if key in ("search", "growth") and self.policy["ops"] and not self._op_graphs:
             OpGraphs(self.net, self.monitor)
             self._op_graphs = True

@@ -124,3 +124,17 @@ def test_compile_setting_picks_the_graphs(setting, device, expected):
     preset("smoke").override([f"compile={setting}"])  # a valid value
     policy = resolve_policy(setting, torch.device(device))
     assert (policy["static"], policy["ops"]) == expected
+
+
+def test_auto_device_says_loudly_when_a_gpu_is_present_but_unusable(monkeypatch, capsys):
+    import engine.build as build
+    monkeypatch.setattr(build.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(build, "_WARNED", set())
+    real_exists = build.os.path.exists
+    monkeypatch.setattr(build.os.path, "exists", lambda p: p == "/dev/nvidia0" or real_exists(p))
+    assert build.resolve_device("auto").type == "cpu"
+    assert build.resolve_device("auto").type == "cpu"
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and "GPU is present" in err and "driver" in err and "--device cpu" in err
+    monkeypatch.setattr(build.os.path, "exists", lambda p: False)   # no GPU at all: nothing to say
+    assert build.unusable_gpu() is None

@@ -185,3 +185,21 @@ def test_flip_evaluation_averages_the_logits_of_image_and_mirror():
     # the mean over both views does not depend on which view the loader gives
     assert steps.evaluate([(x.flip(-1), y)], flip=True) == pytest.approx((loss, acc), rel=1e-5)
     assert steps.evaluate(batches) != pytest.approx((loss, acc), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_drop_path_schedule_recompiles_nothing(tmp_path):
+    """The probability lives in a device tensor: changing it each epoch (the cifar10 preset) keeps the compiled
+    optimize graph (on CUDA its CUDA graph) as it is; the graph compiles with fullgraph=True (no break)."""
+    comp = _trainer(tmp_path, "d", "compile=static", "drop_path=0.2")
+    final = comp.build_final(comp.arch.genotype())
+    batches = _batches(comp, "optimize", 6)
+    final.net.set_drop_path(0.0)
+    _losses(comp, "optimize", 2, batches)
+    mon = comp.final_steps.monitor
+    before = {k: mon.totals()[k] for k in ("compiles", "recompiles")}
+    assert before["compiles"] >= 1
+    for prob in (0.1, 0.2):
+        final.net.set_drop_path(prob)
+        _losses(comp, "optimize", 2, batches)
+    assert {k: mon.totals()[k] for k in ("compiles", "recompiles")} == before
