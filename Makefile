@@ -9,7 +9,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RUN_DIR ?= runs/fashion-mnist
 PRESET ?= fashion-mnist
 
-.PHONY: run test install data bench clean
+.PHONY: run test install data bench clean gpu-check
 
 # Idempotent: an interrupted run in RUN_DIR is resumed (one killed before its first checkpoint starts again);
 # a finished one (final.json, written last) is kept and a new run starts beside it.
@@ -55,3 +55,8 @@ bench: install data
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Everything only a GPU can measure (cuda tests, kernel and step benches, a short search, an Nsight capture):
+# under 10 minutes on one H100; without a GPU the CPU-possible parts run and the rest say "no GPU".
+gpu-check: install
+	$(PY) bench/gpu_check.py --out bench/results

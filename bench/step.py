@@ -9,7 +9,10 @@
                       for search); compile time is measured apart and kept out of it/s
 
 One search iteration is one weight step plus its share (1/arch_every) of an architecture step. Each
-variant runs `--warmup-iters` untimed iterations (and, compiled, its precompile), then `--iters` timed ones.
+variant starts from empty compile caches (and, on CUDA, empty CUDA-graph trees), runs `--warmup-iters` untimed
+iterations (and, compiled, its precompile), then `--iters` timed ones; on CUDA the clock is read only after
+`torch.cuda.synchronize()`. `host_reads_it`: host reads per iteration (engine/hostreads.py: each one makes the
+host wait for the device on a GPU), counted over `--read-iters` further untimed iterations, run eagerly.
 `amortized_it_s` spreads the compile time over that phase's budget in the fashion-mnist preset, the
 figure the engine's CPU default is chosen by.
 
@@ -27,15 +30,32 @@ import torch
 from engine.baseline import EagerDarts
 from engine.build import build_run
 from engine.config import preset
+from engine.compile import reset as reset_compiled
 from engine.data import Cycle
+from engine.hostreads import HostReads
 from engine.network import count_parameters
 
 PHASES = ("warmup", "search", "optimize")
 
 
-def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int) -> dict:
+def fresh_caches(device: torch.device) -> None:
+    """Nothing compiled or recorded by an earlier variant may serve (or slow) the next one."""
+    reset_compiled()
+    if device.type == "cuda":
+        from torch._inductor import cudagraph_trees
+        cudagraph_trees.reset_cudagraph_trees()
+        torch.cuda.synchronize()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int, read_iters: int = 3) -> dict:
     compiled = variant == "engine-compiled"
     run = build_run(cfg.override([f"compile={'on' if compiled else 'off'}"]))
+    fresh_caches(run.device)
     if phase == "optimize":
         model = run.build_final(run.arch.genotype())
         if variant == "eager-dense":
@@ -72,6 +92,7 @@ def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int) -> dic
         x, y = next(data)
         t0 = time.perf_counter()
         steps.precompile(x, y, None if phase == "optimize" else phase)
+        sync(run.device)
         compile_s = time.perf_counter() - t0
     else:
         steps.prepare(None if phase == "optimize" else phase)
@@ -81,14 +102,20 @@ def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int) -> dic
     if compiled:
         compile_s = max(compile_s, before["compile_s"])
     images = 0
+    sync(run.device)
     t0 = time.perf_counter()
     for _ in range(iters):
         images += iteration()
+    sync(run.device)
     dt = time.perf_counter() - t0
     after = mon.totals() if mon else before
+    with torch.compiler.set_stance("force_eager"), HostReads() as reads:  # the same Python, no compile triggered
+        for _ in range(read_iters):
+            iteration()
     return {"phase": phase, "variant": variant, "it_s": round(iters / dt, 3), "images_s": round(images / dt, 1),
             "compile_s": round(compile_s, 1), "recompiles": after["recompiles"] - before["recompiles"],
             "compiles_timed": after["compiles"] - before["compiles"], "params": count_parameters(model.net),
+            "host_reads_it": round(reads.count / read_iters, 2), "sync_free": steps.sync_free,
             "steps_per_epoch": len(loader)}
 
 
@@ -182,7 +209,8 @@ def main() -> None:
                        else cfg.optimize_batch_size, arch_every=cfg.arch_every, budget_steps=budget_steps)
             records.append(rec)
             print(f"  {phase:<8} {variant:<15} {rec['it_s']:8.3f} it/s  {rec['images_s']:8.1f} img/s  "
-                  f"compile {rec['compile_s']:.1f}s  recompiles {rec['recompiles']}", flush=True)
+                  f"compile {rec['compile_s']:.1f}s  recompiles {rec['recompiles']}  "
+                  f"host reads/it {rec['host_reads_it']}", flush=True)
     for phase in {r["phase"] for r in records}:
         rows = [r for r in records if r["phase"] == phase]
         dense = next((r for r in rows if r["variant"] == "eager-dense"), None)
@@ -191,7 +219,7 @@ def main() -> None:
     order = {ph: i for i, ph in enumerate(PHASES)}
     records.sort(key=lambda r: (order.get(r["phase"], 9), r["variant"]))
     common.print_table(records, ["phase", "variant", "it_s", "images_s", "vs_eager_dense", "compile_s",
-                                 "recompiles", "amortized_it_s", "params"],
+                                 "recompiles", "amortized_it_s", "host_reads_it", "params"],
                        title=f"\nsteps, preset {args.preset}{' (synthetic data)' if args.synthetic else ''}, "
                              f"batch {cfg.batch_size}, arch_every {cfg.arch_every}; amortized over the "
                              f"fashion-mnist preset's phase budget")
