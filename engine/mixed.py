@@ -47,7 +47,8 @@ class MixedOp(nn.Module):
         if unit:  # constant one-hot weight (warmup, derived, weight step of hard sampling): no multiply
             return outs[0]
         k0 = active[0]
-        ws = w[k0:k0 + 1] if len(active) == 1 else w[list(active)]
+        # views stacked, not w[list(active)]: a list index is a host tensor copied to the device every call
+        ws = w[k0:k0 + 1] if len(active) == 1 else torch.stack([w[k] for k in active])
         return mixed_sum(outs, ws)
 
     def dense(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
