@@ -229,3 +229,14 @@ def test_library_op_compiles_into_the_graph_without_breaks():
     assert explain.graph_break_count == 0 and explain.graph_count == 1
     compiled_fn = torch.compile(fn, fullgraph=True)
     assert torch.allclose(compiled_fn(w, *xs), fn(w, *xs), atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_library_op_backward_under_compile_matches_eager():
+    xs = [torch.randn(8, 16, 8, 8, device="cuda", requires_grad=True) for _ in range(3)]
+    w = torch.rand(3, device="cuda", requires_grad=True)
+    fn = lambda w_, *xs_: (mixed_sum(list(xs_), w_) ** 2).sum()  # noqa: E731
+    want = torch.autograd.grad(fn(w, *xs), [w, *xs])
+    got = torch.autograd.grad(torch.compile(fn, fullgraph=True)(w, *xs), [w, *xs])
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -203,3 +203,24 @@ def test_drop_path_schedule_recompiles_nothing(tmp_path):
         final.net.set_drop_path(prob)
         _losses(comp, "optimize", 2, batches)
     assert {k: mon.totals()[k] for k in ("compiles", "recompiles")} == before
+
+
+@pytest.mark.cuda
+def test_cuda_weight_steps_read_nothing_and_search_steps_do_not_recompile(tmp_path):
+    from engine.hostreads import HostReads
+    eager = _trainer(tmp_path, "r", "compile=off", "device=cuda")
+    assert eager.steps.sync_free
+    batches, arch_batches = _batches(eager, "train", 12), _batches(eager, "arch", 12)
+    for x, y in batches[:2]:
+        eager.steps.weight_step(x, y, "warmup")
+    with HostReads() as reads:
+        for x, y in batches[2:6]:
+            eager.steps.weight_step(x, y, "warmup")
+    assert reads.count == 0, reads.report()
+    comp = _trainer(tmp_path, "c", "compile=on", "device=cuda")
+    x, y = batches[0]
+    comp.steps.precompile(x, y, "search")
+    before = comp.steps.monitor.totals()
+    _losses(comp, "search", 8, batches, arch_batches)
+    after = comp.steps.monitor.totals()
+    assert (after["compiles"], after["recompiles"]) == (before["compiles"], before["recompiles"])
