@@ -3,16 +3,17 @@
 Providers
     triton      kernels.mixed_sum (CUDA only: on CPU the kernel runs only under the interpreter, which is a
                 numerics tool, not a performance path; its rows print as "not measured")
-    eager       the DARTS formulation, sum(w[k] * xs[k]) over all K inputs
-    compiled    torch.compile of mixed_sum_ref over all K (device-side skipping semantics)
-    reference   (CPU) mixed_sum_ref over the active inputs only: what the engine runs on CPU, where the
-                architecture manager already dropped the skipped ops on the host
-Modes: fwd, bwd (given the forward's saved tensors), fwd+bwd. K = 2, 4, 8 with 1 or all inputs active.
+    eager       the DARTS formulation, sum(w[k] * xs[k]) (what the engine runs on the CPU: mixed_sum_ref)
+    compiled    torch.compile of mixed_sum_ref
+Modes: fwd, bwd (given the forward's saved tensors), fwd+bwd; the backward with the weights' gradient
+(grad_w: architecture steps) and without it (weight steps of soft sampling), K = 2, 4, 8 inputs. Skipping is
+not benchmarked here: skipped ops never reach the sum (the mixed op does not run them).
 
-Byte model (GB/s = useful bytes / time, the same for every provider), N elements of E bytes, A active:
-    fwd      A*N*E read + N*E written
-    bwd      N*E (grad) + K*N*E (inputs, for grad_w) read + K*N*E written (grad_xs)
-    fwd+bwd  the sum
+Byte model (GB/s = useful bytes / time, the same for every provider), N elements of E bytes:
+    fwd              K*N*E read + N*E written
+    bwd, grad_w      N*E (grad) + K*N*E (inputs) read + K*N*E written (grad_xs)
+    bwd, no grad_w   N*E read + K*N*E written
+    fwd+bwd          the sum
 On CUDA each row also gives pct_of_copy: its GB/s over a device-to-device copy's measured in the same run,
 and times are medians from triton.testing.do_bench. Expected on an H100 (not measured here unless a GPU
 was available): forward at or above 85% of copy bandwidth for large shapes and at least 3x eager.
@@ -49,9 +50,9 @@ def bench_cuda(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def useful_bytes(mode: str, n: int, e: int, k: int, active: int) -> int:
-    fwd = active * n * e + n * e
-    bwd = n * e + k * n * e + k * n * e
+def useful_bytes(mode: str, n: int, e: int, k: int, grad_w: bool) -> int:
+    fwd = k * n * e + n * e
+    bwd = n * e + (k * n * e if grad_w else 0) + k * n * e
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
@@ -59,7 +60,7 @@ def eager_sum(xs, w):
     return sum(w[k] * xs[k] for k in range(len(xs)))
 
 
-def make_case(provider: str, mode: str, xs, w, active: int, compiled_cache: dict):
+def make_case(provider: str, mode: str, xs, w, grad_w: bool, compiled_cache: dict):
     """A zero-argument callable doing one `mode` pass of `provider`."""
     k = len(xs)
     grad = torch.randn_like(xs[0])
@@ -67,22 +68,20 @@ def make_case(provider: str, mode: str, xs, w, active: int, compiled_cache: dict
         if mode == "fwd":
             return lambda: mixed_sum_forward(xs, w)
         if mode == "bwd":
-            return lambda: mixed_sum_backward(grad, xs, w)
-        return lambda: (mixed_sum_forward(xs, w), mixed_sum_backward(grad, xs, w))
-    if provider == "reference":
-        fn = lambda xs_, w_: mixed_sum_ref(xs_[:active], w_[:active])  # noqa: E731  (host-side skipping)
-    elif provider == "eager":
+            return lambda: mixed_sum_backward(grad, xs, w, grad_w=grad_w)
+        return lambda: (mixed_sum_forward(xs, w), mixed_sum_backward(grad, xs, w, grad_w=grad_w))
+    if provider == "eager":
         fn = eager_sum
     else:
-        key = (k, tuple(xs[0].shape), mode)
+        key = (k, tuple(xs[0].shape), mode, grad_w)
         if key not in compiled_cache:
             compiled_cache[key] = torch.compile(lambda xs_, w_: mixed_sum_ref(xs_, w_), dynamic=False)
         fn = compiled_cache[key]
     if mode == "fwd":
         return lambda: fn(xs, w)
     xs_g = [x.detach().requires_grad_() for x in xs]
-    w_g = w.detach().requires_grad_()
-    inputs = xs_g[:active] + [w_g] if provider == "reference" else xs_g + [w_g]
+    w_g = w.detach().requires_grad_(grad_w)
+    inputs = xs_g + ([w_g] if grad_w else [])
     if mode == "bwd":
         out = fn(xs_g, w_g)
         return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
@@ -100,7 +99,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
-    providers = ["triton", "eager"] + ([] if args.no_compile else ["compiled"]) + ([] if cuda else ["reference"])
+    providers = ["triton", "eager"] + ([] if args.no_compile else ["compiled"])
     records, compiled_cache = [], {}
     # Every compiled case wraps the same lambda, so dynamo keeps all of them as cache entries of one code
     # object: past the default limit (8) it would silently run the rest eagerly.
@@ -115,34 +114,36 @@ def main() -> None:
             src, dst = torch.randn(shape, device=device), torch.empty(shape, device=device)
             copy_gbs = 2 * n * 4 / bench_cuda(lambda: dst.copy_(src)) / 1e6
         for k in [int(v) for v in args.ks.split(",")]:
-            for active in sorted({1, k}):
-                xs = [torch.randn(shape, device=device) for _ in range(k)]
-                w = torch.zeros(k, device=device)
-                w[:active] = torch.rand(active, device=device) + 0.1  # inputs past `active` weigh 0: skipped
-                for mode in args.modes.split(","):
+            xs = [torch.randn(shape, device=device) for _ in range(k)]
+            w = torch.rand(k, device=device) + 0.1
+            for mode in args.modes.split(","):
+                for grad_w in ((True,) if mode == "fwd" else (True, False)):
                     for provider in providers:
                         rec = {"provider": provider, "device": device.type, "shape": list(shape), "K": k,
-                               "active": active, "mode": mode}
+                               "mode": mode, "grad_w": grad_w if mode != "fwd" else None}
                         if provider == "triton" and not cuda:
                             rec.update(ms=None, gb_per_s=None, note="not measured: no GPU")
                         else:
-                            case = make_case(provider, mode, xs, w, active, compiled_cache)
+                            case = make_case(provider, mode, xs, w, grad_w, compiled_cache)
                             ms = bench_cuda(case) if cuda else bench_cpu(case, args.reps)
-                            gbs = useful_bytes(mode, n, 4, k, active) / ms / 1e6
+                            gbs = useful_bytes(mode, n, 4, k, grad_w) / ms / 1e6
                             rec.update(ms=round(ms, 4), gb_per_s=round(gbs, 2))
                             if cuda:
                                 rec["pct_of_copy"] = round(100 * gbs / copy_gbs, 1)
                         records.append(rec)
-                        print(f"  {provider:<9} {mode:<7} K={k} active={active} {'x'.join(map(str, shape)):<12} "
+                        print(f"  {provider:<9} {mode:<7} K={k} grad_w={rec['grad_w']} "
+                              f"{'x'.join(map(str, shape)):<12} "
                               f"{rec['ms'] if rec['ms'] is not None else 'not measured'} ms", flush=True)
-    # speed-up over eager, per (shape, K, active, mode)
-    eager = {(tuple(r["shape"]), r["K"], r["active"], r["mode"]): r["ms"] for r in records if r["provider"] == "eager"}
+    # speed-up over eager, per (shape, K, mode, grad_w)
+    def case(r):
+        return tuple(r["shape"]), r["K"], r["mode"], r["grad_w"]
+    eager = {case(r): r["ms"] for r in records if r["provider"] == "eager"}
     for r in records:
-        base = eager[(tuple(r["shape"]), r["K"], r["active"], r["mode"])]
+        base = eager[case(r)]
         r["vs_eager"] = round(base / r["ms"], 2) if r["ms"] else None
     for r in records:
         r["shape_str"] = "x".join(map(str, r["shape"]))
-    cols = ["provider", "mode", "shape_str", "K", "active", "ms", "gb_per_s", "vs_eager"] + (["pct_of_copy"] if cuda else [])
+    cols = ["provider", "mode", "grad_w", "shape_str", "K", "ms", "gb_per_s", "vs_eager"] + (["pct_of_copy"] if cuda else [])
     common.print_table([r for r in records if r["ms"] is not None], cols,
                        title=f"\nmixed_sum on {device.type} (fp32; vs_eager = eager ms / provider ms)")
     if not cuda:

@@ -1,19 +1,23 @@
-"""mixed_sum: the mixed op's weighted sum as one fused Triton kernel with dominant-op skipping.
+"""mixed_sum: the mixed op's weighted sum as one fused Triton kernel.
 
-    out = sum over k with w[k] > eps of w[k] * xs[k]          xs: 1..8 same-shape tensors, w: (K,) on device
+    out = sum over k of w[k] * xs[k]          xs: 1..8 same-shape tensors (the ops that ran), w: (K,) on device
 
-Inputs whose weight is at or below `eps` are never read: the kernel loads each weight on the device and
-branches on it, so there is no host synchronization and the op can live inside a captured CUDA graph.
+Dominant-op skipping happens one level up, on the host, before anything runs: the architecture manager reads
+the step's sampled weights once (engine/arch.py, prefetched with the step's other samples) and the mixed op
+launches only the ops above the thresholds, so a skipped op is never computed and never reaches this kernel.
+The kernel has no skipping branch of its own: one inside it could only save the read of an output that was
+already computed, and the engine passes it nothing but the ops it ran (one mechanism, not two). The weights
+stay on the device; the kernel loads them itself, so the op lives inside a captured CUDA graph.
 
-Backward, fused in one kernel: grad_xs[k] = w[k] * grad_out (zeros, without a multiply or a read of
-xs[k], for skipped inputs: returning None would need the weights on the host), and
-grad_w[k] = <grad_out, xs[k]> for *every* input, so architecture gradients are those of the dense sum.
-grad_w is reduced deterministically: each program writes its partial dot products to a (K, programs)
-buffer that is summed in a fixed order (no float atomics).
+Backward, fused in one kernel: grad_xs[k] = w[k] * grad_out, and, only when the weights need a gradient
+(architecture steps), grad_w[k] = <grad_out, xs[k]>: without it the inputs are not read at all. grad_w is
+reduced deterministically: each program writes its partial dot products to a (K, programs) buffer that is
+summed in a fixed order (no float atomics).
 
-Byte model (what the benchmark's GB/s counts), N elements of E bytes, A active inputs of K:
-    forward   reads A*N*E, writes N*E            (the weights: K scalars)
-    backward  reads N*E (grad) + K*N*E (every input, for grad_w), writes K*N*E (grad_xs)
+Byte model (what the benchmark's GB/s counts), N elements of E bytes, K inputs:
+    forward                 reads K*N*E, writes N*E            (the weights: K scalars)
+    backward, grad_w        reads N*E (grad) + K*N*E (inputs), writes K*N*E (grad_xs)
+    backward, no grad_w     reads N*E, writes K*N*E
 Accumulation is fp32 for fp32, bf16 and fp16 inputs.
 
 Dispatch (`mixed_sum`): CUDA tensors run the Triton kernel (the `aso_se::mixed_sum` library op while
@@ -38,74 +42,73 @@ INTERPRET_BLOCK = 1 << 16  # under the interpreter every program is Python: few,
 
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _accumulate(acc, x_ptr, w_ptr, k: tl.constexpr, offs, mask, eps):
+def _accumulate(acc, x_ptr, w_ptr, k: tl.constexpr, offs, mask):
     w = tl.load(w_ptr + k).to(tl.float32)
-    if w > eps:  # a skipped input is never read
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        acc += w * x.to(tl.float32)
-    return acc
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    return acc + w * x.to(tl.float32)
 
 
 # The inputs are eight pointer arguments, unrolled by hand below: a pointer argument cannot be indexed by a
 # loop variable, and `if K > k` on the constexpr K removes the unused ones at compile time.
 @triton.jit
-def _mixed_sum_fwd_kernel(out_ptr, w_ptr, x0, x1, x2, x3, x4, x5, x6, x7, n, eps,
+def _mixed_sum_fwd_kernel(out_ptr, w_ptr, x0, x1, x2, x3, x4, x5, x6, x7, n,
                           K: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = _accumulate(acc, x0, w_ptr, 0, offs, mask, eps)
+    acc = _accumulate(acc, x0, w_ptr, 0, offs, mask)
     if K > 1:
-        acc = _accumulate(acc, x1, w_ptr, 1, offs, mask, eps)
+        acc = _accumulate(acc, x1, w_ptr, 1, offs, mask)
     if K > 2:
-        acc = _accumulate(acc, x2, w_ptr, 2, offs, mask, eps)
+        acc = _accumulate(acc, x2, w_ptr, 2, offs, mask)
     if K > 3:
-        acc = _accumulate(acc, x3, w_ptr, 3, offs, mask, eps)
+        acc = _accumulate(acc, x3, w_ptr, 3, offs, mask)
     if K > 4:
-        acc = _accumulate(acc, x4, w_ptr, 4, offs, mask, eps)
+        acc = _accumulate(acc, x4, w_ptr, 4, offs, mask)
     if K > 5:
-        acc = _accumulate(acc, x5, w_ptr, 5, offs, mask, eps)
+        acc = _accumulate(acc, x5, w_ptr, 5, offs, mask)
     if K > 6:
-        acc = _accumulate(acc, x6, w_ptr, 6, offs, mask, eps)
+        acc = _accumulate(acc, x6, w_ptr, 6, offs, mask)
     if K > 7:
-        acc = _accumulate(acc, x7, w_ptr, 7, offs, mask, eps)
+        acc = _accumulate(acc, x7, w_ptr, 7, offs, mask)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_one(g, x_ptr, gx_ptr, w_ptr, partial_ptr, k: tl.constexpr, pid, num_programs, offs, mask, eps):
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + k * num_programs + pid, tl.sum(g * x, axis=0))  # grad_w partial, every input
+def _backward_one(g, x_ptr, gx_ptr, w_ptr, partial_ptr, k: tl.constexpr, pid, num_programs, offs, mask,
+                  GRAD_W: tl.constexpr):
+    if GRAD_W:  # grad_w partial: the only reason to read the input
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(partial_ptr + k * num_programs + pid, tl.sum(g * x, axis=0))
     w = tl.load(w_ptr + k).to(tl.float32)
-    gx = tl.where(w > eps, w * g, 0.0)
-    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_ptr + offs, (w * g).to(gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _mixed_sum_bwd_kernel(g_ptr, w_ptr, partial_ptr, x0, x1, x2, x3, x4, x5, x6, x7,
-                          gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7, n, eps,
-                          K: tl.constexpr, BLOCK: tl.constexpr):
+                          gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7, n,
+                          K: tl.constexpr, GRAD_W: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    _backward_one(g, x0, gx0, w_ptr, partial_ptr, 0, pid, num_programs, offs, mask, eps)
+    _backward_one(g, x0, gx0, w_ptr, partial_ptr, 0, pid, num_programs, offs, mask, GRAD_W)
     if K > 1:
-        _backward_one(g, x1, gx1, w_ptr, partial_ptr, 1, pid, num_programs, offs, mask, eps)
+        _backward_one(g, x1, gx1, w_ptr, partial_ptr, 1, pid, num_programs, offs, mask, GRAD_W)
     if K > 2:
-        _backward_one(g, x2, gx2, w_ptr, partial_ptr, 2, pid, num_programs, offs, mask, eps)
+        _backward_one(g, x2, gx2, w_ptr, partial_ptr, 2, pid, num_programs, offs, mask, GRAD_W)
     if K > 3:
-        _backward_one(g, x3, gx3, w_ptr, partial_ptr, 3, pid, num_programs, offs, mask, eps)
+        _backward_one(g, x3, gx3, w_ptr, partial_ptr, 3, pid, num_programs, offs, mask, GRAD_W)
     if K > 4:
-        _backward_one(g, x4, gx4, w_ptr, partial_ptr, 4, pid, num_programs, offs, mask, eps)
+        _backward_one(g, x4, gx4, w_ptr, partial_ptr, 4, pid, num_programs, offs, mask, GRAD_W)
     if K > 5:
-        _backward_one(g, x5, gx5, w_ptr, partial_ptr, 5, pid, num_programs, offs, mask, eps)
+        _backward_one(g, x5, gx5, w_ptr, partial_ptr, 5, pid, num_programs, offs, mask, GRAD_W)
     if K > 6:
-        _backward_one(g, x6, gx6, w_ptr, partial_ptr, 6, pid, num_programs, offs, mask, eps)
+        _backward_one(g, x6, gx6, w_ptr, partial_ptr, 6, pid, num_programs, offs, mask, GRAD_W)
     if K > 7:
-        _backward_one(g, x7, gx7, w_ptr, partial_ptr, 7, pid, num_programs, offs, mask, eps)
+        _backward_one(g, x7, gx7, w_ptr, partial_ptr, 7, pid, num_programs, offs, mask, GRAD_W)
 
 
 # --------------------------------------------------------------------------------------- host launchers
@@ -145,7 +148,7 @@ def _launch(kernel, launch):
     return kernel if launch is None else launch(kernel)
 
 
-def mixed_sum_forward(xs: list[torch.Tensor], w: torch.Tensor, eps: float = 0.0, *, block: int | None = None,
+def mixed_sum_forward(xs: list[torch.Tensor], w: torch.Tensor, *, block: int | None = None,
                       launch=None) -> torch.Tensor:
     """Run the forward kernel. `launch` wraps the kernel (torch.library.wrap_triton inside the library op)."""
     _check(xs, w)
@@ -155,104 +158,105 @@ def mixed_sum_forward(xs: list[torch.Tensor], w: torch.Tensor, eps: float = 0.0,
         return out
     block = block or (INTERPRET_BLOCK if _interpreting() else BLOCK)
     grid = (triton.cdiv(n, block),)
-    _launch(_mixed_sum_fwd_kernel, launch)[grid](out, w, *_pointers(xs), n, float(eps), K=len(xs), BLOCK=block,
+    _launch(_mixed_sum_fwd_kernel, launch)[grid](out, w, *_pointers(xs), n, K=len(xs), BLOCK=block,
                                                  num_warps=NUM_WARPS)
     return out
 
 
-def mixed_sum_backward(grad: torch.Tensor, xs: list[torch.Tensor], w: torch.Tensor, eps: float = 0.0, *,
-                       block: int | None = None, launch=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Run the backward kernel: (grad_xs, grad_w)."""
+def mixed_sum_backward(grad: torch.Tensor, xs: list[torch.Tensor], w: torch.Tensor, *, grad_w: bool = True,
+                       block: int | None = None, launch=None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Run the backward kernel: (grad_xs, grad_w); grad_w is None, and no input is read, when `grad_w` is False
+    (then `xs` only give the shapes: the tensors of a weight step's forward need not be kept)."""
     _check(xs, w)
     if grad.stride() != xs[0].stride():  # walk grad in the inputs' layout
         grad = torch.empty_like(xs[0]).copy_(grad)
     n = xs[0].numel()
     grad_xs = [torch.empty_like(x) for x in xs]
     if n == 0:
-        return grad_xs, torch.zeros_like(w)
+        return grad_xs, torch.zeros_like(w) if grad_w else None
     block = block or (INTERPRET_BLOCK if _interpreting() else BLOCK)
     programs = triton.cdiv(n, block)
-    partial = torch.empty(len(xs), programs, device=w.device, dtype=torch.float32)
+    partial = torch.empty(len(xs) if grad_w else 1, programs, device=w.device, dtype=torch.float32)
     _launch(_mixed_sum_bwd_kernel, launch)[(programs,)](grad, w, partial, *_pointers(xs), *_pointers(grad_xs), n,
-                                                        float(eps), K=len(xs), BLOCK=block, num_warps=NUM_WARPS)
-    return grad_xs, partial.sum(dim=1).to(w.dtype)  # fixed-order reduction: deterministic
+                                                        K=len(xs), GRAD_W=grad_w, BLOCK=block, num_warps=NUM_WARPS)
+    return grad_xs, partial.sum(dim=1).to(w.dtype) if grad_w else None  # fixed-order reduction: deterministic
 
 
 # ---------------------------------------------------------------------------------- autograd Function
 class MixedSumFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, eps, *xs):
-        ctx.save_for_backward(w, *xs)
-        ctx.eps = eps
-        return mixed_sum_forward(list(xs), w, eps)
+    def forward(ctx, w, *xs):
+        ctx.grad_w = ctx.needs_input_grad[0]
+        # without a weight gradient the backward reads no input: keep only what gives their shapes
+        ctx.save_for_backward(w, *(xs if ctx.grad_w else xs[:1]))
+        ctx.k = len(xs)
+        return mixed_sum_forward(list(xs), w)
 
     @staticmethod
     def backward(ctx, grad):
         w, *xs = ctx.saved_tensors
-        grad_xs, grad_w = mixed_sum_backward(grad, xs, w, ctx.eps)
-        return (grad_w, None, *grad_xs)
+        grad_xs, grad_w = mixed_sum_backward(grad, xs if ctx.grad_w else xs * ctx.k, w, grad_w=ctx.grad_w)
+        return (grad_w, *grad_xs)
 
 
 # ---------------------------------------------------------------------------------------- library op
 @torch.library.triton_op("aso_se::mixed_sum", mutates_args=())
-def _mixed_sum_op(xs: list[torch.Tensor], w: torch.Tensor, eps: float) -> torch.Tensor:
-    return mixed_sum_forward(xs, w, eps, launch=torch.library.wrap_triton)
+def _mixed_sum_op(xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    return mixed_sum_forward(xs, w, launch=torch.library.wrap_triton)
 
 
 @torch.library.triton_op("aso_se::mixed_sum_backward", mutates_args=())
 def _mixed_sum_backward_op(grad: torch.Tensor, xs: list[torch.Tensor], w: torch.Tensor,
-                           eps: float) -> list[torch.Tensor]:
-    grad_xs, grad_w = mixed_sum_backward(grad, xs, w, eps, launch=torch.library.wrap_triton)
-    return [*grad_xs, grad_w]
+                           grad_w: bool) -> list[torch.Tensor]:
+    grad_xs, gw = mixed_sum_backward(grad, xs, w, grad_w=grad_w, launch=torch.library.wrap_triton)
+    return [*grad_xs, gw] if grad_w else grad_xs
 
 
 def _setup_context(ctx, inputs, output):
-    xs, w, eps = inputs
+    xs, w = inputs
     ctx.save_for_backward(w, *xs)
-    ctx.eps = eps
 
 
 def _op_backward(ctx, grad):
     w, *xs = ctx.saved_tensors
-    grads = torch.ops.aso_se.mixed_sum_backward(grad, xs, w, ctx.eps)
-    return list(grads[:-1]), grads[-1], None
+    grad_w = bool(ctx.needs_input_grad[1])   # inputs are (xs, w): needs_input_grad is ([...], bool)
+    grads = torch.ops.aso_se.mixed_sum_backward(grad, xs, w, grad_w)
+    return (list(grads[:-1]), grads[-1]) if grad_w else (list(grads), None)
 
 
 torch.library.register_autograd("aso_se::mixed_sum", _op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------- reference
-def mixed_sum_ref(xs: list[torch.Tensor], w: torch.Tensor, eps: float = 0.0, upcast: bool = False) -> torch.Tensor:
-    """PyTorch reference with the kernel's semantics: inputs at or below eps add nothing to the value but
-    still get grad_w = <grad, x> (dense-sum gradients). Branch-free (torch.where, no host sync), so
+def mixed_sum_ref(xs: list[torch.Tensor], w: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+    """PyTorch reference with the kernel's semantics: sum_k w[k] * xs[k]. Branch-free (no host sync), so
     torch.compile traces it whole. `upcast` accumulates in float32 whatever the input dtype."""
-    w_eff = torch.where(w > eps, w, w - w.detach())  # value 0 when skipped, derivative 1 either way
     acc = torch.float32 if upcast else xs[0].dtype
-    out = xs[0].to(acc) * w_eff[0].to(acc)
+    out = xs[0].to(acc) * w[0].to(acc)
     for k in range(1, len(xs)):
-        out = out + xs[k].to(acc) * w_eff[k].to(acc)
+        out = out + xs[k].to(acc) * w[k].to(acc)
     return out.to(xs[0].dtype)
 
 
-def mixed_sum(xs: list[torch.Tensor], w: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+def mixed_sum(xs: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """The engine's single weighted sum. CUDA: the Triton kernel (the library op under torch.compile);
     CPU: the reference, or the Triton kernel under TRITON_INTERPRET=1. Dtypes the kernel does not take
     (float64) use the reference everywhere."""
     if xs[0].dtype not in KERNEL_DTYPES:
-        return mixed_sum_ref(xs, w, eps)
+        return mixed_sum_ref(xs, w)
     if xs[0].is_cuda:
         if torch.compiler.is_compiling():
-            return torch.ops.aso_se.mixed_sum(list(xs), w, float(eps))
-        return MixedSumFn.apply(w, float(eps), *xs)
+            return torch.ops.aso_se.mixed_sum(list(xs), w)
+        return MixedSumFn.apply(w, *xs)
     if _interpreting() and not torch.compiler.is_compiling():
-        return MixedSumFn.apply(w, float(eps), *xs)
-    return mixed_sum_ref(xs, w, eps)
+        return MixedSumFn.apply(w, *xs)
+    return mixed_sum_ref(xs, w)
 
 
 # ------------------------------------------------------------------------------- ahead-of-time compile
-def compile_for(capability: int, dtype: str = "fp32", block: int = BLOCK, k: int = 8) -> dict:
-    """Compile both kernels for an NVIDIA target (e.g. 90 = Hopper) on any machine, GPU or not; returns
-    {"fwd": CompiledKernel, "bwd": CompiledKernel}. Must run without TRITON_INTERPRET (the interpreter
+def compile_for(capability: int, dtype: str = "fp32", block: int = BLOCK, k: int = 8, grad_w: bool = True) -> dict:
+    """Compile both kernels for an NVIDIA target (e.g. 90 = Hopper) on any machine, GPU or not (the backward
+    with or without `grad_w`); returns {"fwd": CompiledKernel, "bwd": CompiledKernel}. Must run without TRITON_INTERPRET (the interpreter
     replaces the language). Pointers and `n` are declared 16-divisible, as Triton specializes them at
     launch for aligned tensors and sizes."""
     from triton.backends.compiler import GPUTarget
@@ -265,16 +269,15 @@ def compile_for(capability: int, dtype: str = "fp32", block: int = BLOCK, k: int
         fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
         signature, attrs = {}, {}
         for i, arg in enumerate(fn.arg_names):
-            if arg in ("K", "BLOCK"):
+            if arg in ("K", "GRAD_W", "BLOCK"):
                 signature[arg] = "constexpr"
             elif arg == "n":
                 signature[arg], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
-            elif arg == "eps":
-                signature[arg] = "fp32"
             else:
                 elem = "fp32" if arg in ("w_ptr", "partial_ptr") else dtype
                 signature[arg], attrs[(i,)] = f"*{elem}", [["tt.divisibility", 16]]
-        src = ASTSource(fn=fn, signature=signature, constexprs={"K": k, "BLOCK": block}, attrs=attrs)
+        constexprs = {"K": k, "BLOCK": block, **({"GRAD_W": grad_w} if name == "bwd" else {})}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         out[name] = triton.compile(src, target=target, options={"num_warps": NUM_WARPS})
     return out
 
