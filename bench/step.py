@@ -8,7 +8,8 @@
     engine-compiled   the engine's steps with `compile=on` (static graphs for warmup/optimize, per-op graphs
                       for search); compile time is measured apart and kept out of it/s
 
-One search iteration is one weight step plus its share (1/arch_every) of an architecture step. Each
+One search iteration is one weight step plus its share (1/arch_every) of an architecture step, their samples drawn
+together as the run loop draws them (Steps.prefetch: one host read per iteration). Each
 variant starts from empty compile caches (and, on CUDA, empty CUDA-graph trees), runs `--warmup-iters` untimed
 iterations (and, compiled, its precompile), then `--iters` timed ones; on CUDA the clock is read only after
 `torch.cuda.synchronize()`. `host_reads_it`: host reads per iteration (engine/hostreads.py: each one makes the
@@ -76,12 +77,15 @@ def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int, read_i
     count = {"i": 0}
 
     def iteration():
+        arch_due = phase == "search" and (count["i"] + 1) % every == 0
+        if phase == "search" and runner is None:  # as the loop does: the iteration's samples, one transfer
+            steps.prefetch(phase, [(False, run.arch.tau, 0.0)] + [(True, run.arch.tau, 0.0)] * arch_due)
         x, y = next(data)
         p = None if phase == "optimize" else phase
         (runner or steps).weight_step(x, y, p)
         images = len(y)
         count["i"] += 1
-        if phase == "search" and count["i"] % every == 0:
+        if arch_due:
             xa, ya = next(arch_data)
             (runner or steps).arch_step(xa, ya, phase)
             images += len(ya)

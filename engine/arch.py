@@ -10,16 +10,21 @@ Per phase (`sample`):
                       believes in (the val metric during search)
     derive            the genotype's edges, one-hot, constant: the DARTS derivation (two edges per node,
                       skip cap) of the final network
-A step asks for weights once; the op indices each edge must execute are computed here, on the host, in one
-transfer, so the mixed ops never synchronize per edge.
+A step asks for weights once; the op indices each edge must execute reach the host here, in one transfer, so
+the mixed ops never synchronize per edge. The loop draws a search iteration's samples ahead (`prefetch`: the
+next weight step's and, when one follows, the architecture step's, both cell types, in one small tensor)
+and copies their routing to pinned host memory without blocking, behind an event: one host read per search
+iteration, taken when the weight step needs it. `sample` takes the next drawn sample (drawing one itself
+when none is waiting), so both paths consume the Gumbel generator in the same order.
 
 Longer than 300 lines on purpose: sampling (argmax, derive) and the genotype derivation must agree on edge
 order, the `none` exclusion and the skip caps; in one file the two rules are read and changed together.
 """
 from __future__ import annotations
 
+import collections
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,6 +55,39 @@ class CellWeights:
     weights: torch.Tensor                 # (E, K): multiplies the executed outputs; may carry grad to logits
     active: list[tuple[int, ...]]         # per edge, the op indices to execute (empty: the edge adds nothing)
     unit: bool = False                    # exact one-hot and constant: outputs need no multiply
+
+
+@dataclass
+class _Drawn:
+    """One step's sample, drawn ahead: its weights on the device and where its routing sits in the transfer."""
+    phase: str
+    grad: bool
+    weights: dict[str, torch.Tensor]     # cell type -> (E, K)
+    transfer: "_Transfer"
+    rows: int                            # first row of this sample in the transfer (normal, then reduce)
+
+
+class _Transfer:
+    """The routing of one prefetch on its way to the host: indices (hard) or soft weights, (2 * steps, E) or
+    (2 * steps, E, K), copied non-blocking into pinned memory behind an event on CUDA. `rows()` is the one host
+    read: it waits for the event (long passed when the host gets there) and reads the copy once."""
+
+    def __init__(self, routing: torch.Tensor):
+        if routing.is_cuda:
+            self.host = torch.empty(routing.shape, dtype=routing.dtype, pin_memory=True)
+            self.host.copy_(routing, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = routing, None
+        self._rows = None
+
+    def rows(self) -> list:
+        if self._rows is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._rows = self.host.tolist()   # the transfer's one host read
+        return self._rows
 
 
 class ArchState:
@@ -101,12 +139,14 @@ class Architecture(nn.Module):
         self.skip_bias = 0.0
         self.state = ArchState()
         self._warmup: CellWeights | None = None
+        self._drawn: collections.deque[_Drawn] = collections.deque()   # samples prefetched for the next steps
 
     def _apply(self, fn, recurse=True):
-        """`.to(device)` moves the counters with the logits."""
+        """`.to(device)` moves the counters with the logits (and drops samples drawn on the old device)."""
         out = super()._apply(fn, recurse)
         self.state.counts = fn(self.state.counts)
         self._warmup = None
+        self._drawn.clear()
         return out
 
     def _init_logits(self, generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
@@ -136,18 +176,41 @@ class Architecture(nn.Module):
                     for i, t in enumerate(CELL_TYPES)}
         if phase not in ("search", "growth"):
             raise ValueError(f"no supernet weights for phase {phase!r}")
-        drawn = {t: self._gumbel(t, grad, generator) for t in CELL_TYPES}
-        if self.hard:
-            rows = torch.stack([drawn[t][1] for t in CELL_TYPES]).tolist()    # the sample's one host read
-            out = {}
-            for t, idx in zip(CELL_TYPES, rows):
-                hist = self.state.histogram[t]
-                for k in idx:
-                    hist[k] += 1
-                out[t] = CellWeights(drawn[t][0], [() if k == NONE else (k,) for k in idx], unit=not grad)
-            return out
-        rows = torch.stack([drawn[t][0].detach() for t in CELL_TYPES]).tolist()  # soft: one read decides skipping
-        return {t: CellWeights(drawn[t][0], self._thresholded(r)) for t, r in zip(CELL_TYPES, rows)}
+        if not self._drawn:
+            self.prefetch(phase, [(grad, self.tau, self.skip_bias)], generator)
+        d = self._drawn.popleft()
+        if (d.phase, d.grad) != (phase, grad):
+            raise RuntimeError(f"a sample drawn for a {d.phase} {'architecture' if d.grad else 'weight'} step was "
+                               f"asked for by a {phase} {'architecture' if grad else 'weight'} step")
+        rows = d.transfer.rows()[d.rows:d.rows + len(CELL_TYPES)]
+        if not self.hard:  # soft: the transferred weights decide the skipping
+            return {t: CellWeights(d.weights[t], self._thresholded(r)) for t, r in zip(CELL_TYPES, rows)}
+        out = {}
+        for t, idx in zip(CELL_TYPES, rows):
+            hist = self.state.histogram[t]
+            for k in idx:
+                hist[k] += 1
+            out[t] = CellWeights(d.weights[t], [() if k == NONE else (k,) for k in idx], unit=not grad)
+        return out
+
+    def prefetch(self, phase: str, plans: list[tuple[bool, float, float]],
+                 generator: torch.Generator | None = None) -> None:
+        """Draw the samples of the next steps now, in the order the steps will ask for them: `plans` holds per
+        step (grad, tau, skip_bias). Their routing (both cell types of every step) goes to the host in one
+        non-blocking transfer; the steps' `sample` calls take them in order. The logits must not change
+        before the last of them is taken (weight steps do not touch them)."""
+        drawn = [(grad, {t: self._gumbel(t, grad, generator, tau, bias) for t in CELL_TYPES})
+                 for grad, tau, bias in plans]
+        routing = torch.stack([d[t][1] if self.hard else d[t][0].detach() for _, d in drawn for t in CELL_TYPES])
+        transfer = _Transfer(routing)
+        for i, (grad, d) in enumerate(drawn):
+            self._drawn.append(_Drawn(phase, grad, {t: d[t][0] for t in CELL_TYPES}, transfer, len(CELL_TYPES) * i))
+
+    @property
+    def pending(self) -> int:
+        """Samples drawn ahead and not yet taken (none may be left at a checkpoint: the generator's state
+        saved there would be past them)."""
+        return len(self._drawn)
 
     def _one_hot_index(self, index: torch.Tensor, active: list[tuple[int, ...]]) -> CellWeights:
         """One-hot weights from a device index (E,), built on the device; `active` the host's copy of it."""
@@ -165,8 +228,9 @@ class Architecture(nn.Module):
         active = [() if k is None or k == NONE else (k,) for k in choice]
         return CellWeights(w.to(logits.device), active, unit=True)
 
-    def _gumbel(self, cell_type: str, grad: bool, generator: torch.Generator | None):
-        """(weights, hard index or None) on the device; no host read."""
+    def _gumbel(self, cell_type: str, grad: bool, generator: torch.Generator | None, tau: float, skip_bias: float):
+        """(weights, hard index or None) on the device at temperature `tau` with `skip_bias` on skip_connect's
+        logit; no host read."""
         logits = self.logits[cell_type]
         if not grad:
             logits = logits.detach()
@@ -174,11 +238,11 @@ class Architecture(nn.Module):
         # still send 0 * NaN = NaN back through the softmax's Jacobian.
         finite = torch.isfinite(logits).all(dim=1, keepdim=True)                       # (E, 1)
         safe = torch.where(finite, logits, torch.zeros_like(logits))
-        if self.skip_bias:
-            safe = safe + self._skip_bias_row(safe)
+        if skip_bias:
+            safe = safe + self._skip_bias_row(safe, skip_bias)
         # Gumbel(0, 1) = -log(Exp(1)); clamping keeps log away from 0 (and exponential_ can return 0 on CUDA).
         u = torch.empty_like(safe).exponential_(generator=generator).clamp_(min=torch.finfo(safe.dtype).tiny)
-        soft = torch.softmax((safe - u.log()) / self.tau, dim=1)
+        soft = torch.softmax((safe - u.log()) / tau, dim=1)
         bad = ~finite | ~torch.isfinite(soft).all(dim=1, keepdim=True)
         skip_row = torch.zeros_like(soft)
         skip_row[:, SKIP] = 1.0
@@ -191,9 +255,10 @@ class Architecture(nn.Module):
         w = hard - soft.detach() + soft if grad else hard   # straight-through: value one-hot, grad of soft
         return w, index
 
-    def _skip_bias_row(self, like):
+    @staticmethod
+    def _skip_bias_row(like, bias: float):
         row = torch.zeros_like(like[:1])
-        row[0, SKIP] = self.skip_bias
+        row[0, SKIP] = bias
         return row
 
     def _thresholded(self, rows: list[list[float]]) -> list[tuple[int, ...]]:

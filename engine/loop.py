@@ -154,19 +154,20 @@ class PhaseLoop:
         bar = progress_bar(n_steps, f"{ph.name} {p.epoch + 1}/{budget.epochs(ph.name)}", cfg.log_interval,
                            initial=start)
         data = ph.loader.iter_from(start)
+        assert not arch.pending, "samples drawn ahead were left over from an earlier step"
         for i in range(start, n_steps):
+            if ph.searching:  # this iteration's samples, drawn now; the host reads them once, in the weight step
+                self.prefetch(ph, i, n_steps)
             with nvtx_range("data_wait"):
                 x, y = next(data)
             steps.set_lr(cosine_lr(first_step + i, ph.lr_steps, ph.lr, cfg.lr_min))
             with nvtx_range("weight_step"):
                 r = steps.weight_step(x, y, step_phase)
             sums.add(r)
-            if ph.searching:  # the next step's sampling: temperature and hand-over bias
-                done = p.epoch + i / n_steps
-                if cfg.tau_schedule == "exp":
-                    arch.tau = temperature_at(cfg, budget, ph.name, p.epoch, p.arch_steps)
-                arch.skip_bias = handover_bias(cfg, ph.name, done)
-                if (p.global_step + 1) % cfg.arch_every == 0 and budget.arch_active(ph.name, done):
+            if ph.searching:
+                # the architecture step's and the next weight step's sampling: temperature and hand-over bias
+                arch.tau, arch.skip_bias, arch_due = self.sampling(ph, i, n_steps)
+                if arch_due:
                     xa, ya = next(arch_stream)
                     with nvtx_range("arch_step"):
                         ra = steps.arch_step(xa, ya, ph.name)
@@ -208,6 +209,27 @@ class PhaseLoop:
         if ph.supernet:
             write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
         return record
+
+    def sampling(self, ph: Phase, i: int, n_steps: int) -> tuple[float, float, bool]:
+        """What follows weight step `i` of a searching epoch: the temperature and hand-over bias its architecture
+        step (if `due`) and the next weight step sample with. `p.global_step` and `p.arch_steps` as at step i."""
+        cfg, p, budget = self.cfg, self.p, self.budget
+        done = p.epoch + i / n_steps
+        tau = temperature_at(cfg, budget, ph.name, p.epoch, p.arch_steps) if cfg.tau_schedule == "exp" \
+            else self.run.arch.tau
+        due = (p.global_step + 1) % cfg.arch_every == 0 and budget.arch_active(ph.name, done)
+        return tau, handover_bias(cfg, ph.name, done), due
+
+    def prefetch(self, ph: Phase, i: int, n_steps: int) -> None:
+        """Draw step i's samples (its weight step's and, when one follows, its architecture step's) in one go,
+        after the previous step's checkpoint: the generator state a checkpoint saves is never past a draw.
+        The very same draws, in the same order, as sampling at each step: results are unchanged."""
+        arch = self.run.arch
+        plans = [(False, arch.tau, arch.skip_bias)]
+        tau, bias, due = self.sampling(ph, i, n_steps)
+        if due:
+            plans.append((True, tau, bias))
+        ph.model.steps.prefetch(ph.name, plans)
 
     def compile_totals(self) -> dict:
         """compiles, recompiles, compile_s so far in this process (zeros when nothing is compiled)."""

@@ -9,8 +9,9 @@ no weight gradient is ever computed for it, and a weight step builds its edge we
 logits, so no logit gradient exists. Neither can move the other's parameters.
 
 What is compiled follows `engine.compile.resolve_policy` (static graphs for warmup/optimize, per-op graphs
-for search/growth, the optimizer on CUDA); `invalidate()` throws every graph away so each compiles exactly
-once more (growth calls it), and `precompile()` compiles a phase's graphs up front.
+for the weight steps of search/growth; architecture steps and evaluation run eagerly, the optimizer is never
+compiled); `invalidate()` throws every graph away so each compiles exactly once more (growth calls it), and
+`precompile()` compiles a phase's graphs up front.
 
 A non-finite loss or gradient skips the step (nothing is updated); the trainer counts the skips.
 """
@@ -194,6 +195,11 @@ class Steps:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the previous step's outputs may be reused
 
     # ------------------------------------------------------------------------------------------ steps
+    def prefetch(self, phase: str, plans: list[tuple[bool, float, float]]) -> None:
+        """Draw the next steps' samples now, from the run's seeded generator (Architecture.prefetch): `plans` is
+        (grad, tau, skip_bias) per step, in the order the steps run; their routing reaches the host in one read."""
+        self.arch.prefetch(phase, plans, self.generator)
+
     def _forward(self, x, phase: str | None, grad_arch: bool):
         if self.net.is_supernet:
             sample = self.arch.sample(phase, grad=grad_arch, generator=self.generator)
@@ -232,11 +238,16 @@ class Steps:
         return StepResult(loss.detach(), correct, len(y), ok)
 
     def arch_step(self, x: torch.Tensor, y: torch.Tensor, phase: str) -> StepResult:
-        """One host read (the sample's routing). A non-finite loss or logit gradient skips the update, decided
-        on the device; non-finite logit rows are reset on the device (Architecture.repair_)."""
+        """One host read (the sample's routing), none when the loop prefetched it with the weight step's. A
+        non-finite loss or logit gradient skips the update, decided on the device; non-finite logit rows are
+        reset on the device (Architecture.repair_)."""
         self._train_mode()
         logits = list(self.arch.parameters())
-        with self._graph(f"{phase}.arch_step"):
+        # Eager ops, also where the weight steps run compiled per-op graphs: a compiled graph's backward
+        # (AOTAutograd) returns the gradient of every input it was traced with, the weights included, so
+        # `autograd.grad(loss, logits)` would pay for weight gradients nobody reads. Eagerly, autograd walks
+        # only the paths to the logits (no convolution weight gradient is computed).
+        with self._graph(f"{phase}.arch_step"), self.eager():
             with nvtx_range("forward"):
                 out = self._forward(self._input(x), phase, grad_arch=True)
                 loss = self.criterion(out, y)

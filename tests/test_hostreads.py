@@ -2,8 +2,9 @@
 
 The CUDA policy's choices (`sync_free`: fused optimizers whose skip is decided on the device, sums kept on the
 device) run here on the CPU, so the budget of issue 14 is held by the CPU suite: no read in a warmup or
-optimize weight step, one per search/growth step (the sample's routing, both cell types in one transfer), and
-over a whole smoke search at most 2 per optimizer step, evaluation and bookkeeping included."""
+optimize weight step; one per search/growth iteration (the routing of its weight step's and architecture
+step's samples, both cell types, drawn together and transferred once); one per step called on its own; over
+a whole smoke search at most 2 per optimizer step, evaluation and bookkeeping included."""
 from __future__ import annotations
 
 import pytest
@@ -61,6 +62,23 @@ def test_step_reads_per_phase(tmp_path, sync_free):
     assert all("arch.py" in site for r in counts.values() for site in r.sites)  # the sample's routing read
 
 
+@pytest.mark.parametrize("phase", ["search", "growth"])
+def test_a_search_iteration_reads_once(tmp_path, sync_free, phase):
+    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=_quiet)
+    steps, arch = trainer.steps, trainer.arch
+    train, val = Cycle(trainer.loaders["train"]), Cycle(trainer.loaders["arch"])
+    steps.weight_step(*next(train), phase)  # optimizer state
+    steps.arch_step(*next(val), phase)
+    (x, y), (xa, ya) = next(train), next(val)
+    with HostReads() as reads:  # what the loop does each iteration (engine/loop.py PhaseLoop.prefetch)
+        steps.prefetch(phase, [(False, arch.tau, 1.0), (True, 0.9 * arch.tau, 0.5)])
+        assert arch.pending == 2
+        steps.weight_step(x, y, phase)
+        steps.arch_step(xa, ya, phase)
+    assert reads.count == 1 and arch.pending == 0, reads.report()
+    assert all("arch.py" in site for site in reads.sites)
+
+
 def test_optimize_weight_step_reads_nothing(tmp_path, sync_free):
     trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=_quiet)
     final = trainer.run_state.build_final(trainer.arch.genotype())
@@ -113,3 +131,7 @@ def test_a_whole_smoke_search_reads_at_most_twice_per_optimizer_step(tmp_path, s
     print(f"\nwhole smoke search: {reads.count} host reads, {optimizer_steps} optimizer steps ({calls}); "
           f"{reads.report(12)}")
     assert reads.count <= 2 * optimizer_steps, reads.report(20)
+    # the samples' routing: one read per search or growth iteration (final["steps"]: the supernet's weight
+    # steps, warmup's included, which read nothing)
+    routing = sum(n for site, n in reads.sites.items() if "(rows)" in site)
+    assert 0 < routing <= final["steps"] - len(trainer.run_state.loaders["train"]), reads.report(20)

@@ -224,3 +224,33 @@ def test_cuda_weight_steps_read_nothing_and_search_steps_do_not_recompile(tmp_pa
     _losses(comp, "search", 8, batches, arch_batches)
     after = comp.steps.monitor.totals()
     assert (after["compiles"], after["recompiles"]) == (before["compiles"], before["recompiles"])
+
+
+def test_architecture_steps_run_eagerly_where_weight_steps_are_compiled(tmp_path):
+    """A compiled per-op graph's backward returns every input's gradient, the weights' too: the architecture
+    step runs the ops eagerly, so it compiles nothing and autograd computes the logits' gradient alone. Its
+    result is the eager engine's, bit for bit."""
+    comp, eager = _trainer(tmp_path, "c", "compile=on"), _trainer(tmp_path, "e", "compile=off")
+    comp.steps.prepare("search")  # the mixed ops now route through compiled per-op graphs
+    assert comp.steps.monitor.totals()["compiles"] == 0
+    (x, y), = _batches(comp, "arch", 1)
+    results = [t.steps.arch_step(x, y, "search") for t in (comp, eager)]
+    assert comp.steps.monitor.totals()["compiles"] == 0
+    assert results[0].loss == results[1].loss
+    for a, b in zip(comp.arch.parameters(), eager.arch.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_a_prefetched_sample_reaches_pinned_memory_behind_an_event(tmp_path):
+    from engine.hostreads import HostReads
+    t = _trainer(tmp_path, "p", "compile=off", "device=cuda")
+    (x, y), = _batches(t, "train", 1)
+    (xa, ya), = _batches(t, "arch", 1)
+    t.steps.prefetch("search", [(False, 1.0, 0.0), (True, 1.0, 0.0)])
+    transfer = t.arch._drawn[0].transfer
+    assert transfer.host.is_pinned() and transfer.host.device.type == "cpu" and transfer.event is not None
+    with HostReads() as reads:
+        t.steps.weight_step(x, y, "search")
+        t.steps.arch_step(xa, ya, "search")
+    assert reads.count == 1, reads.report()
