@@ -67,6 +67,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_deterministic(device: torch.device) -> None:
+    """Bit-identical reruns and resumes on a GPU (config `deterministic`): cuDNN's default convolution
+    backward and cuBLAS's split reductions accumulate in an order that changes from run to run. Slower; the
+    CPU's kernels are deterministic already, so nothing changes there."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first starts
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no deterministic kernel warns, once
+
+
 def load_data(cfg: Config) -> Dataset:
     """The config's data set, cut to `train_subset` samples of the official training set when set."""
     dataset = load_dataset(cfg.dataset, cfg.data_dir, n_train=cfg.synthetic_train, n_test=cfg.synthetic_test,
@@ -184,6 +196,8 @@ def build_run(cfg: Config) -> Run:
     device = resolve_device(cfg.device)
     enable_nvtx(cfg.nvtx)
     seed_everything(cfg.seed)
+    if cfg.deterministic:
+        make_deterministic(device)
     dataset = load_data(cfg)
     splits = make_splits(dataset, cfg.val_fraction, cfg.seed)
     augment = train_augment(dataset, cfg.flip, cfg.crop_pad)

@@ -102,6 +102,8 @@ class Config:
     recompile_limit: int = 64             # torch._dynamo's cache entries per code object: the per-op graphs
                                           # share one (nn.Module.__call__), one entry per op variant
     nvtx: bool = False
+    deterministic: bool = False           # CUDA: deterministic kernels, so reruns and resumes are bit-identical
+                                          # there too (slower; the CPU is deterministic anyway)
     nan_limit: int = 20                   # non-finite losses tolerated (skipped) before the run stops
     seed: int = 0
     log_interval: float = 0.5             # seconds between progress-bar refreshes
@@ -246,7 +248,8 @@ PRESETS: dict[str, dict] = {
     "smoke": dict(dataset="synthetic", synthetic_size=12, synthetic_train=512, synthetic_test=256, channels=4,
                   layers=3, batch_size=32, eval_batch_size=128, optimize_batch_size=32, warmup_epochs=1,
                   search_epochs=1, growth_epochs=1, optimize_epochs=1, lr=0.05, optimize_lr=0.05,
-                  arch_lr=3e-3, loader="tensor", max_channels=8, max_cells=5),
+                  arch_lr=3e-3, loader="tensor", max_channels=8, max_cells=5,
+                  deterministic=True),  # the tests compare runs bit for bit, on a GPU too
 }
 
 
