@@ -232,10 +232,11 @@ def test_architecture_steps_run_eagerly_where_weight_steps_are_compiled(tmp_path
     result is the eager engine's, bit for bit."""
     comp, eager = _trainer(tmp_path, "c", "compile=on"), _trainer(tmp_path, "e", "compile=off")
     comp.steps.prepare("search")  # the mixed ops now route through compiled per-op graphs
-    assert comp.steps.monitor.totals()["compiles"] == 0
+    count = lambda: {k: v for k, v in comp.steps.monitor.totals().items() if k != "compile_s"}  # noqa: E731
+    before = count()  # the counts are the process's: earlier tests compiled too
     (x, y), = _batches(comp, "arch", 1)
     results = [t.steps.arch_step(x, y, "search") for t in (comp, eager)]
-    assert comp.steps.monitor.totals()["compiles"] == 0
+    assert count() == before  # neither a compile nor a recompile
     assert results[0].loss == results[1].loss
     for a, b in zip(comp.arch.parameters(), eager.arch.parameters()):
         assert torch.equal(a, b)
