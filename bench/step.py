@@ -9,7 +9,8 @@
                       for search); compile time is measured apart and kept out of it/s
 
 One search iteration is one weight step plus its share (1/arch_every) of an architecture step, their samples drawn
-together as the run loop draws them (Steps.prefetch: one host read per iteration). Each
+together as the run loop draws them (Steps.prefetch: one host read per iteration sync-free, as on CUDA; the CPU steps
+also read `ok` on the host, 5 per search iteration). Each
 variant starts from empty compile caches (and, on CUDA, empty CUDA-graph trees), runs `--warmup-iters` untimed
 iterations (and, compiled, its precompile), then `--iters` timed ones; on CUDA the clock is read only after
 `torch.cuda.synchronize()`. `host_reads_it`: host reads per iteration (engine/hostreads.py: each one makes the
