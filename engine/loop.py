@@ -157,7 +157,7 @@ class PhaseLoop:
         assert not arch.pending, "samples drawn ahead were left over from an earlier step"
         for i in range(start, n_steps):
             if ph.searching:  # this iteration's samples, drawn now; the host reads them once, in the weight step
-                self.prefetch(ph, i, n_steps)
+                plan = self.prefetch(ph, i, n_steps)
             with nvtx_range("data_wait"):
                 x, y = next(data)
             steps.set_lr(cosine_lr(first_step + i, ph.lr_steps, ph.lr, cfg.lr_min))
@@ -166,7 +166,7 @@ class PhaseLoop:
             sums.add(r)
             if ph.searching:
                 # the architecture step's and the next weight step's sampling: temperature and hand-over bias
-                arch.tau, arch.skip_bias, arch_due = self.sampling(ph, i, n_steps)
+                arch.tau, arch.skip_bias, arch_due = plan
                 if arch_due:
                     xa, ya = next(arch_stream)
                     with nvtx_range("arch_step"):
@@ -220,16 +220,18 @@ class PhaseLoop:
         due = (p.global_step + 1) % cfg.arch_every == 0 and budget.arch_active(ph.name, done)
         return tau, handover_bias(cfg, ph.name, done), due
 
-    def prefetch(self, ph: Phase, i: int, n_steps: int) -> None:
+    def prefetch(self, ph: Phase, i: int, n_steps: int) -> tuple[float, float, bool]:
         """Draw step i's samples (its weight step's and, when one follows, its architecture step's) in one go,
         after the previous step's checkpoint: the generator state a checkpoint saves is never past a draw.
-        The very same draws, in the same order, as sampling at each step: results are unchanged."""
+        The very same draws, in the same order, as sampling at each step: results are unchanged. Returns
+        `sampling(ph, i, n_steps)`, which the weight step leaves as it is (it moves neither progress nor tau)."""
         arch = self.run.arch
         plans = [(False, arch.tau, arch.skip_bias)]
-        tau, bias, due = self.sampling(ph, i, n_steps)
+        tau, bias, due = sampling = self.sampling(ph, i, n_steps)
         if due:
             plans.append((True, tau, bias))
         ph.model.steps.prefetch(ph.name, plans)
+        return sampling
 
     def compile_totals(self) -> dict:
         """compiles, recompiles, compile_s so far in this process (zeros when nothing is compiled)."""
