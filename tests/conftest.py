@@ -2,8 +2,10 @@
 tests that need the real Fashion-MNIST files skip with a pointer to `make data` when they are missing."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +28,19 @@ TIMING = {"it_s", "images_s", "epoch_s", "elapsed_s", "wall_s", "grow_s", "recom
 
 def untimed(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the bench scripts import their `common` from bench/)."""
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -1,23 +1,17 @@
 """bench/search_quality.py: the searched-against-random protocol, run in its --quick form on synthetic data."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+from .conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def sq():
-    sys.path.insert(0, BENCH)
-    spec = importlib.util.spec_from_file_location("search_quality", os.path.join(BENCH, "search_quality.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("search_quality")
 
 
 def test_summary_statistics(sq):
