@@ -231,6 +231,40 @@ def test_param_free_fraction():
     assert g.param_free_fraction() == {"normal": 3 / 8, "reduce": 1.0}
 
 
+def test_param_free_cap_in_the_normal_cell():
+    # pools and skips lead on every edge of both cells (max_pool strongest), convs come second
+    probs = {}
+    for t in CELL_TYPES:
+        p = torch.full((num_edges(4), len(PRIMITIVES)), 0.01)
+        p[:, PRIMITIVES.index("max_pool_3x3")] = torch.linspace(0.4, 0.5, num_edges(4))
+        p[:, PRIMITIVES.index("avg_pool_3x3")] = 0.35
+        p[:, SKIP] = 0.32
+        p[:, PRIMITIVES.index("sep_conv_3x3")] = 0.3
+        probs[t] = p
+    uncapped = Genotype.from_probabilities(probs, 4)
+    assert uncapped.param_free_fraction() == {"normal": 1.0, "reduce": 1.0}
+    capped = Genotype.from_probabilities(probs, 4, max_param_free=3)
+    assert capped.param_free_fraction() == {"normal": 3 / 8, "reduce": 1.0}
+    assert capped.reduce == uncapped.reduce
+    # ruling out an edge's pool lets its next parameter-free op (avg, then skip) lead there, so every
+    # parameter-free op on an edge goes before its conv does; the ones kept are the strongest max_pools
+    # of the edges the uncapped cell chose
+    nodes_of = [0, 0, 1, 1, 2, 2, 3, 3]
+    edges = lambda g, ops: sorted(edge_index(n, s) for n, (op, s) in zip(nodes_of, g.normal) if op in ops)  # noqa: E731
+    assert {op for op, _ in capped.normal} == {"max_pool_3x3", "sep_conv_3x3"}
+    pool = PRIMITIVES.index("max_pool_3x3")
+    strongest = sorted(edges(uncapped, PRIMITIVES), key=lambda e: -float(probs["normal"][e, pool]))[:3]
+    assert edges(capped, ("max_pool_3x3",)) == sorted(strongest)
+    # both caps at once: the skip cap never lets more parameter-free ops through
+    both = Genotype.from_probabilities(probs, 4, max_skip=0, max_param_free=2)
+    assert sum(op in ("max_pool_3x3", "avg_pool_3x3", "skip_connect") for op, _ in both.normal) == 2
+    arch = Architecture(max_param_free=3)
+    with torch.no_grad():
+        for t in CELL_TYPES:
+            arch.logits[t].copy_(probs[t].log())
+    assert arch.genotype() == capped
+
+
 def test_skip_caps_in_each_cell_type():
     # skip_connect is the best op on every edge of both cells; the second best is a conv with a lower weight
     probs = {}
