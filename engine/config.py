@@ -241,7 +241,7 @@ PRESETS: dict[str, dict] = {
     "fashion-mnist": dict(channels=6, layers=5, stem_stride=2, batch_size=64, flip=True,
                           warmup_epochs=1, search_epochs=1, growth_epochs=0.5, optimize_epochs=8, crop_pad=0,
                           grow_kinds="width", grow_width_factor=1.3, max_channels=8,
-                          init_std=0.1, skip_init=0.5, max_skip_reduce=2, arch_start_epochs=0.5,
+                          init_std=0.1, skip_init=0.5, max_skip_reduce=2, max_param_free=2, arch_start_epochs=0.5,
                           arch_lr=1e-2, arch_weight_decay=0.0, bn_recalibrate=10,
                           eval_samples=5000, optimize_init="fresh", optimize_channels=16, optimize_batch_size=128,
                           optimize_lr=0.1, label_smoothing=0.1, test_flip=True),
