@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import distributed
 from .arch import Architecture, Genotype
 from .config import Config
 from .data import Dataset, load_dataset, make_loader, make_splits, train_augment
@@ -100,17 +101,21 @@ def build_architecture(cfg: Config, device: torch.device | str = "cpu") -> Archi
                         seed=cfg.seed).to(device)
 
 
-def make_loaders(cfg: Config, splits: dict, augment, device: torch.device) -> dict:
+def make_loaders(cfg: Config, splits: dict, augment, device: torch.device,
+                 world: distributed.World = distributed.SINGLE) -> dict:
     """train (weight steps), arch (architecture steps, the val split reshuffled), val (evaluation, at most
-    `eval_samples` of the val split), test. No val split, no arch and val loaders."""
+    `eval_samples` of the val split), test. No val split, no arch and val loaders. With several ranks, each
+    rank's train and arch loaders play its shard of every epoch (the same number of steps on every rank);
+    every rank evaluates the whole val and test splits."""
     kw = dict(device=device, seed=cfg.seed)
+    shard = dict(shard_id=world.rank, num_shards=world.size)
     tr_x, tr_y = splits["train"]
     va_x, va_y = splits["val"]
     loaders = {"train": make_loader(cfg.loader, tr_x, tr_y, cfg.batch_size, train=True, augment=augment,
-                                    drop_last=cfg.drop_last, **kw)}
+                                    drop_last=cfg.drop_last, **kw, **shard)}
     if len(va_y):
         loaders["arch"] = make_loader(cfg.loader, va_x, va_y, cfg.batch_size, train=True, augment=augment,
-                                      drop_last=cfg.drop_last, **{**kw, "seed": cfg.seed + 1})
+                                      drop_last=cfg.drop_last, **{**kw, "seed": cfg.seed + 1}, **shard)
         if cfg.eval_samples and cfg.eval_samples < len(va_y):
             pick = np.sort(np.random.default_rng([cfg.seed, 11]).permutation(len(va_y))[:cfg.eval_samples])
             va_x, va_y = va_x[pick], va_y[pick]
@@ -143,6 +148,7 @@ class Run:
     arch: Architecture
     arch_opt: torch.optim.Optimizer
     gumbel: torch.Generator
+    world: distributed.World = distributed.SINGLE
     supernet: Model = None
     final: Model | None = None
     _probe: torch.Tensor | None = field(default=None, repr=False)
@@ -155,7 +161,7 @@ class Run:
         opt = opt if opt is not None else weight_optimizer(cfg, net)
         steps = Steps(net, opt, arch=self.arch, arch_opt=self.arch_opt, grad_clip=cfg.grad_clip,
                       channels_last=self.channels_last, generator=self.gumbel, compile=cfg.compile,
-                      recompile_limit=cfg.recompile_limit)
+                      recompile_limit=cfg.recompile_limit, world=self.world)
         self.supernet = Model(net, opt, steps)
 
     def new_supernet(self, spec) -> None:
@@ -173,7 +179,8 @@ class Run:
         opt = torch.optim.SGD(net.parameters(), lr=cfg.optimize_lr, momentum=cfg.momentum, nesterov=True,
                               weight_decay=cfg.optimize_weight_decay)
         steps = Steps(net, opt, grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing,
-                      channels_last=self.channels_last, compile=cfg.compile, recompile_limit=cfg.recompile_limit)
+                      channels_last=self.channels_last, compile=cfg.compile, recompile_limit=cfg.recompile_limit,
+                      world=self.world)
         self.final = Model(net, opt, steps)
         x, y = self.splits["train"]
         if cfg.optimize_data == "train+val":
@@ -181,7 +188,8 @@ class Run:
             y = np.concatenate([y, self.splits["val"][1]])
         self.loaders["optimize"] = make_loader(cfg.loader, x, y, cfg.optimize_batch_size, train=True,
                                                augment=self.augment, device=self.device, seed=cfg.seed + 2,
-                                               drop_last=cfg.drop_last)
+                                               drop_last=cfg.drop_last, shard_id=self.world.rank,
+                                               num_shards=self.world.size)
         return self.final
 
     def probe_batch(self) -> torch.Tensor:
@@ -194,7 +202,10 @@ class Run:
 
 
 def build_run(cfg: Config) -> Run:
-    device = resolve_device(cfg.device)
+    """Under torchrun (WORLD_SIZE > 1) this joins the process group first: one rank per device."""
+    world = distributed.env_world()
+    device = resolve_device(distributed.device_for(cfg.device, world))
+    world = distributed.init(device)
     enable_nvtx(cfg.nvtx)
     seed_everything(cfg.seed)
     if cfg.deterministic:
@@ -202,13 +213,13 @@ def build_run(cfg: Config) -> Run:
     dataset = load_data(cfg)
     splits = make_splits(dataset, cfg.val_fraction, cfg.seed)
     augment = train_augment(dataset, cfg.flip, cfg.crop_pad)
-    loaders = make_loaders(cfg, splits, augment, device)
+    loaders = make_loaders(cfg, splits, augment, device, world)
     arch = build_architecture(cfg, device)
     arch_opt = torch.optim.Adam(arch.parameters(), lr=cfg.arch_lr, betas=(0.5, 0.999),
                                 weight_decay=cfg.arch_weight_decay)
     gumbel = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run = Run(cfg, device, cfg.channels_last if cfg.channels_last is not None else device.type == "cpu",
-              dataset, splits, augment, loaders, arch, arch_opt, gumbel)
+              dataset, splits, augment, loaders, arch, arch_opt, gumbel, world)
     c, _, _ = dataset.image_shape
     run.new_supernet(darts_spec(c, dataset.num_classes, cfg.channels, cfg.layers, cfg.nodes, cfg.stem_multiplier,
                                 cfg.stem_stride))

@@ -81,12 +81,15 @@ def write_json(path: str, data) -> None:
 class MetricsLog:
     """`metrics.jsonl`: one JSON object per line (epoch records, growth events, the final record)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, write: bool = True):
         self.path = path
+        self.write = write  # False on the ranks other than 0 of a data-parallel run: they read, never write
 
     def append(self, record: dict) -> None:
         """One line, flushed to disk. A line cut short by a kill or a full disk is dropped at resume (the
         checkpoint counts the lines it covers)."""
+        if not self.write:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -104,7 +107,7 @@ class MetricsLog:
 
     def truncate(self, lines: int) -> None:
         """Keep the first `lines` records: what a resumed run has not redone yet."""
-        if not os.path.exists(self.path):
+        if not self.write or not os.path.exists(self.path):
             return
         with open(self.path) as f:
             kept = [line for line in f if line.strip()][:lines]

@@ -6,6 +6,7 @@
     aso-se eval --checkpoint runs/fm/checkpoints/last.pt
     aso-se data --dataset fashion-mnist
     aso-se profile --preset smoke --steps 5 --out runs/prof
+    torchrun --nproc_per_node=2 -m engine.cli search --preset smoke --out runs/ddp    data-parallel (engine/distributed.py)
 
 Bad input ends with one line `aso-se: error: ...` and exit code 2; nothing already written is touched.
 """
@@ -67,6 +68,7 @@ def _check_checkpoint_every(args) -> None:
 
 
 def cmd_search(args) -> int:
+    from .distributed import close, env_world
     from .trainer import Trainer
     _check_checkpoint_every(args)
     if args.list_fields:
@@ -93,23 +95,33 @@ def cmd_search(args) -> int:
         if not args.out:
             raise ConfigError("search needs --out DIR for the run directory (or --resume DIR)")
         cfg = _config(args)
-        _check_fresh_out(args.out)
+        if env_world().main:  # under torchrun rank 0 may have begun writing it already
+            _check_fresh_out(args.out)
         trainer = Trainer(cfg, args.out, stop_after=args.stop_after, checkpoint_every_s=args.checkpoint_every)
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        close(trainer.world)
     return 0
 
 
 def cmd_train(args) -> int:
     from .arch import Genotype
+    from .distributed import close, env_world
     from .trainer import Trainer
     _check_checkpoint_every(args)
     genotype = Genotype.load(args.genotype)
     cfg = _config(args).override(TRAIN_ONLY)
     if args.epochs is not None:
         cfg = cfg.override([f"optimize_epochs={args.epochs}"])
-    _check_fresh_out(args.out)
-    Trainer(cfg, args.out, genotype=genotype, stop_after=args.stop_after,
-            checkpoint_every_s=args.checkpoint_every).run()
+    if env_world().main:
+        _check_fresh_out(args.out)
+    trainer = Trainer(cfg, args.out, genotype=genotype, stop_after=args.stop_after,
+                      checkpoint_every_s=args.checkpoint_every)
+    try:
+        trainer.run()
+    finally:
+        close(trainer.world)
     return 0
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import growth
+from . import distributed, growth
 from .arch import PHASES, Genotype
 from .build import Model, Run
 from .checkpoint import MetricsLog, write_json
@@ -32,6 +32,8 @@ from .records import EpochSums, epoch_line, epoch_record, final_line, final_reco
 from .schedules import SEARCHING_PHASES, SUPERNET_PHASES, Budget, cosine_lr, handover_bias, temperature_at
 from .state import Progress, save_run
 from .stopping import CheckpointClock, StopRequest, Stopped
+
+SYNC_STEPS = 16  # data-parallel: rank 0's checkpoint/stop decision reaches the other ranks every this many steps
 
 
 @dataclass
@@ -59,6 +61,7 @@ class PhaseLoop:
         self.genotype = genotype        # `aso-se train`: optimize this genotype instead of the searched one
         self.clock = CheckpointClock(checkpoint_every_s)   # mid-epoch checkpoints
         self.stop = stop or StopRequest()                   # SIGTERM / SIGINT, read at step boundaries
+        self.world = run.world
 
     @property
     def budget(self) -> Budget:
@@ -104,7 +107,9 @@ class PhaseLoop:
                     self.log(epoch_line(record))
                     if record.get("val_acc") is not None and name in SEARCHING_PHASES:
                         p.val_history.append(record["val_acc"])
+                    self.check_ranks(f"after {name} epoch {p.epoch}")
                     self.save("last.pt")
+                    self.sync_stop()
                     self.stop_if_asked(f"after {name} epoch {p.epoch}")
             self.save(f"{name}.pt")
             p.phase_index += 1
@@ -152,7 +157,7 @@ class PhaseLoop:
         refresh = CheckpointClock(cfg.log_interval)
         t0 = time.perf_counter()
         bar = progress_bar(n_steps, f"{ph.name} {p.epoch + 1}/{budget.epochs(ph.name)}", cfg.log_interval,
-                           initial=start)
+                           initial=start, disable=not self.world.main)
         data = ph.loader.iter_from(start)
         assert not arch.pending, "samples drawn ahead were left over from an earlier step"
         for i in range(start, n_steps):
@@ -176,7 +181,7 @@ class PhaseLoop:
             if ph.supernet:
                 p.global_step += 1
             bar.update(1)
-            checkpoint = i + 1 < n_steps and (self.clock.due() or self.stop.signum is not None)
+            checkpoint = i + 1 < n_steps and self.checkpoint_due(i)
             if checkpoint or refresh.due():
                 self.read_sums(sums, skipped_before, bar)
                 refresh.reset()
@@ -206,9 +211,31 @@ class PhaseLoop:
                               sums=totals, val=val, arch=arch, model=net, genotype=genotype,
                               lr=float(ph.model.opt.param_groups[0]["lr"]), n_steps=n_steps, train_s=train_s,
                               searching=ph.searching, compile_totals=self.compile_totals())
-        if ph.supernet:
+        if ph.supernet and self.world.main:
             write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
         return record
+
+    # ------------------------------------------------------------------------------------------ ranks
+    def checkpoint_due(self, i: int) -> bool:
+        """A mid-epoch checkpoint after step `i`: its clock is due or a stop was asked. With several ranks it is
+        rank 0's decision, passed on every SYNC_STEPS steps (one small host-side broadcast), so every rank
+        checkpoints (and stops) at the same step."""
+        if not self.world.active:
+            return self.clock.due() or self.stop.signum is not None
+        if (i + 1) % SYNC_STEPS:
+            return False
+        due, signum = distributed.rank0((self.clock.due(), self.stop.signum), self.world)
+        self.stop.signum = signum
+        return due or signum is not None
+
+    def sync_stop(self) -> None:
+        """Rank 0's stop request on every rank (torchrun signals all of them, not at the same instant)."""
+        if self.world.active:
+            self.stop.signum = distributed.rank0(self.stop.signum, self.world)
+
+    def check_ranks(self, where: str) -> None:
+        """Every rank holds the same logits (and, after growth, weights): compared by checksum, stop if not."""
+        distributed.check_same("architecture logits", self.run.arch.parameters(), self.world, where)
 
     def sampling(self, ph: Phase, i: int, n_steps: int) -> tuple[float, float, bool]:
         """What follows weight step `i` of a searching epoch: the temperature and hand-over bias its architecture
@@ -271,6 +298,8 @@ class PhaseLoop:
         grown = growth.grow(run.supernet.net, run.supernet.opt, run.arch, run.probe_batch(), kind,
                             width_factor=self.cfg.grow_width_factor)
         run.adopt_supernet(grown.net, grown.opt)
+        distributed.check_same("grown weights", run.supernet.net.parameters(), self.world,
+                               f"after the {kind} event of growth epoch {p.epoch + 1}")
         recompile = self.recompile()
         return {**grown.event, "phase": "growth", "epoch": p.epoch, "global_epoch": p.global_epoch,
                 "step": p.global_step, "recompile_s": recompile["seconds"], "recompiles": recompile["recompiles"]}
@@ -300,9 +329,11 @@ class PhaseLoop:
                 test = model.steps.evaluate(run.loaders["test"], flip=self.cfg.test_flip)
         final = final_record(test=test, model=model.net, genotype=genotype, wall=wall, progress=p, arch=run.arch,
                              device=run.device)
+        self.check_ranks("at the end")
         self.metrics.append({"phase": "final", **{k: v for k, v in final.items() if k != "genotype"}})
-        write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
-        write_json(os.path.join(self.out, "final.json"), final)  # last: a run with final.json is finished
+        if self.world.main:
+            write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
+            write_json(os.path.join(self.out, "final.json"), final)  # last: a run with final.json is finished
         self.log(final_line(test[1], final["params"], wall))
         self.log(f"   genotype: {genotype}")
         return final

@@ -63,10 +63,11 @@ class EpochSums:
         return dict(loss=f"{v['loss'] / max(v['count'], 1):.3f}", acc=f"{100 * v['correct'] / max(v['count'], 1):.1f}%")
 
 
-def progress_bar(total: int, desc: str, interval: float, initial: int = 0) -> tqdm:
-    """The epoch's progress bar: stderr, gone when the epoch ends, off when stderr is not a terminal."""
-    return tqdm(total=total, desc=desc, leave=False, mininterval=interval, file=sys.stderr, disable=None,
-                dynamic_ncols=True, initial=initial)
+def progress_bar(total: int, desc: str, interval: float, initial: int = 0, disable: bool = False) -> tqdm:
+    """The epoch's progress bar: stderr, gone when the epoch ends, off when stderr is not a terminal (and on
+    the ranks other than 0 of a data-parallel run)."""
+    return tqdm(total=total, desc=desc, leave=False, mininterval=interval, file=sys.stderr,
+                disable=True if disable else None, dynamic_ncols=True, initial=initial)
 
 
 def epoch_record(*, phase: str, epoch: int, epochs: int, progress, sums: dict, val: tuple, arch, model,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import distributed
 from .arch import Genotype
 from .build import Run, resolve_device
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -50,7 +51,12 @@ def computed_fields(config: dict) -> dict:
 
 
 def save_run(path: str, run: Run, progress: Progress, metrics_lines: int) -> None:
-    arch, sup = run.arch, run.supernet
+    """Every rank calls it (the ranks' BatchNorm statistics are gathered); rank 0 alone writes."""
+    arch, sup, world = run.arch, run.supernet, run.world
+    rank_buffers = {"supernet": distributed.gather_buffers(sup.net, world),
+                    "final": distributed.gather_buffers(run.final.net, world) if run.final is not None else None}
+    if not world.main:
+        return
     state = {
         "config": run.cfg.to_json(), "spec": sup.net.spec.to_json(), "genotype": arch.genotype().to_json(),
         "phase_index": progress.phase_index, "epoch": progress.epoch, "global_epoch": progress.global_epoch,
@@ -66,6 +72,7 @@ def save_run(path: str, run: Run, progress: Progress, metrics_lines: int) -> Non
                 "numpy": _numpy_state(), "python": list(random.getstate()[1])},
         "metrics_lines": metrics_lines, "growth_history": progress.growth_history,
         "val_history": progress.val_history, "elapsed_s": progress.elapsed, "skipped": progress.skipped,
+        "world_size": world.size, "rank_buffers": rank_buffers if world.active else None,
     }
     if run.final is not None:
         state.update(final_genotype=run.final.net.genotype.to_json(), final_net=run.final.net.state_dict(),
@@ -81,6 +88,10 @@ def restore_run(path: str, run: Run) -> tuple[Progress, int]:
         config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "config.json")
         raise CheckpointError(f"{path}: written with a different config than {config}; "
                               f"resume without --set/--preset changes")
+    written = state.get("world_size", 1)
+    if written != run.world.size:
+        raise CheckpointError(f"{path}: written by a run on {written} rank(s), resumed on {run.world.size}: resume "
+                              f"with as many (torchrun --nproc_per_node={written} ..., or without torchrun for 1)")
     try:
         spec = NetSpec.from_json(state["spec"])
         if spec != run.supernet.net.spec:
@@ -95,6 +106,11 @@ def restore_run(path: str, run: Run) -> tuple[Progress, int]:
             final.net.load_state_dict(state["final_net"])
             final.opt.load_state_dict(state["final_opt"])
             final.steps.configure_optimizers()
+        saved = state.get("rank_buffers")
+        if saved is not None:  # each rank's own BatchNorm statistics
+            for name, model in (("supernet", run.supernet), ("final", run.final)):
+                if saved.get(name) is not None:
+                    distributed.load_buffers_(model.net, saved[name][run.world.rank])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
     arch = run.arch

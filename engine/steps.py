@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Architecture
+from .distributed import SINGLE, World, average_buffers_, average_gradients_
 from .compile import CompileMonitor, OpGraphs, eager, monitor as get_monitor, reset as reset_compiled, resolve_policy
 from .network import Network
 from .profiling import nvtx_range
@@ -95,11 +96,13 @@ class Steps:
     def __init__(self, net: Network, weight_opt: torch.optim.Optimizer, *, arch: Architecture | None = None,
                  arch_opt: torch.optim.Optimizer | None = None, grad_clip: float = 5.0,
                  label_smoothing: float = 0.0, channels_last: bool = False,
-                 generator: torch.Generator | None = None, compile: str = "off", recompile_limit: int = 64):
+                 generator: torch.Generator | None = None, compile: str = "off", recompile_limit: int = 64,
+                 world: World = SINGLE):
         self.net, self.weight_opt, self.arch, self.arch_opt = net, weight_opt, arch, arch_opt
         self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
         self.channels_last = channels_last
         self.generator = generator  # Gumbel noise: seeded and checkpointed, so a resumed run samples the same
+        self.world = world          # several ranks: gradients averaged, BN statistics averaged before evaluation
         device = next(net.parameters()).device
         self.policy = resolve_policy(compile, device)
         self.compiling = self.policy["static"] or self.policy["ops"]
@@ -231,6 +234,7 @@ class Steps:
             self.weight_opt.zero_grad(set_to_none=True)
             with nvtx_range("backward"):
                 loss.backward(inputs=params)
+                average_gradients_(params, self.world)  # data-parallel: every rank applies the same update
             with nvtx_range("optimizer"):
                 norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
                 ok = torch.isfinite(norm) & torch.isfinite(loss.detach())
@@ -255,9 +259,10 @@ class Steps:
                 grads = torch.autograd.grad(loss, logits, allow_unused=True)
         with nvtx_range("optimizer"):
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(logits, grads)]
-            ok = torch.stack([torch.isfinite(loss.detach())] + [torch.isfinite(g).all() for g in grads]).all()
             for p, g in zip(logits, grads):
                 p.grad = g
+            average_gradients_(logits, self.world)  # data-parallel: the logits stay identical on every rank
+            ok = torch.stack([torch.isfinite(loss.detach())] + [torch.isfinite(g).all() for g in grads]).all()
             optimizer_step(self.arch_opt, ok, self.sync_free)
             self.arch_opt.zero_grad(set_to_none=True)
             self.arch.repair_()  # belt and braces: a non-finite logit row is reset to the prior, and counted
@@ -273,6 +278,7 @@ class Steps:
         """(mean loss, accuracy) in eval mode. The supernet is evaluated at `phase`'s constant weights
         ("warmup": all skip_connect, "argmax": most likely ops, "derive": the genotype). `flip`: test-time
         augmentation, the mean of the logits of each image and its mirror (for networks trained with flips)."""
+        average_buffers_(self.net, self.world)  # data-parallel: every rank evaluates the same network
         self.net.eval()
         sample = self.arch.sample(phase) if self.net.is_supernet else None
         sums, count = None, 0   # (loss sum, correct) on the device, read once at the end

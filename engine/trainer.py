@@ -23,6 +23,10 @@ from .state import Progress, restore_run
 from .stopping import CHECKPOINT_EVERY_S, StopRequest
 
 
+def _silent(msg: str) -> None:
+    pass
+
+
 def checkpoint_files(out_dir: str) -> list[str]:
     """The run's checkpoints, newest progress first: last.pt, then the phase checkpoints from the latest phase."""
     names = ["last.pt"] + [f"{name}.pt" for name in reversed(PHASES)]
@@ -40,16 +44,19 @@ class Trainer:
                  genotype: Genotype | None = None, log=None, checkpoint_every_s: float | None = CHECKPOINT_EVERY_S):
         self.cfg, self.out = cfg, out_dir
         self.stop_after, self.genotype, self.checkpoint_every_s = stop_after, genotype, checkpoint_every_s
-        self.log = log or log_to_stdout
         self.run_state = build_run(cfg)
-        os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
-        self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+        self.world = self.run_state.world
+        self.log = (log or log_to_stdout) if self.world.main else _silent  # rank 0 alone prints and writes
+        if self.world.main:
+            os.makedirs(os.path.join(out_dir, "checkpoints"), exist_ok=True)
+        self.metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), write=self.world.main)
         if resume and not holds_run(out_dir):
             self.log(f"{out_dir}: stopped before its first checkpoint; starting the run again from the beginning")
             resume = False
-        if resume:
+        if resume and self.world.main:
             for d in (out_dir, os.path.join(out_dir, "checkpoints")):
                 remove_stale_temporaries(d)  # writes a kill cut short; the files they would have replaced are intact
+        if resume:
             name = resume if isinstance(resume, str) else "last.pt"
             path = name if os.sep in name else os.path.join(out_dir, "checkpoints", name)
             problem = None if os.path.isfile(path) else "checkpoint not found"
@@ -68,7 +75,8 @@ class Trainer:
         else:
             self.progress = Progress()
             self.metrics.truncate(0)
-            write_json(os.path.join(out_dir, "config.json"), cfg.to_json())
+            if self.world.main:
+                write_json(os.path.join(out_dir, "config.json"), cfg.to_json())
 
     def _newest_intact(self, unusable: str) -> str:
         """What to do when `unusable` cannot be resumed from: the newest other checkpoint that loads."""
