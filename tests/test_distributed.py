@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from torch import nn
 
 from engine import distributed
 from engine.build import build_run
+from engine.checkpoint import load_checkpoint
 from engine.config import preset
 from engine.errors import CheckpointError, TrainingError
 from engine.trainer import Trainer
@@ -226,14 +229,50 @@ def test_ranks_that_drift_apart_stop_naming_the_epoch(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ torchrun
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the workers torchrun started (read from their environment)."""
+    out = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"RANK" in env:
+            out[int(env[b"RANK"])] = int(pid)
+    return out
+
+
 @pytest.mark.slow
-def test_torchrun_launches_the_cli(tmp_path):
+def test_a_killed_rank_takes_the_job_down_and_the_run_resumes(tmp_path):
+    """torchrun launches the CLI; a rank killed mid-run ends the job (no hang), `--resume` finishes it."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "engine.cli", "search", "--preset", "smoke", "--out", str(out), "--device", "cpu",
-           *sum((["--set", s] for s in SMOKE + ["optimize_epochs=0", "growth_epochs=0"]), [])]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    sets = sum((["--set", s] for s in SMOKE + ["search_epochs=6"]), [])
+
+    def torchrun(*args):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(_free_port()), "-m", "engine.cli", "search", *args]
+    job = subprocess.Popen(torchrun("--preset", "smoke", "--out", str(out), "--device", "cpu", *sets), cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "warmup.pt").is_file():  # killed in the search phase, after a checkpoint
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    ranks = _rank_pids(job.pid)
+    assert set(ranks) == {0, 1}
+    os.kill(ranks[1], signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        job.wait(timeout=120)  # bounded: no hang on the dead rank's collectives
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    print(f"job down {time.monotonic() - killed:.1f} s after the kill")
+    assert load_checkpoint(str(out / "checkpoints" / "last.pt"))["world_size"] == 2  # intact
+    r = subprocess.run(torchrun("--resume", str(out), "--device", "cpu"), cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("== warmup") == 1  # rank 0 alone prints
-    assert (out / "final.json").is_file()
+    assert r.stdout.count("resumed ") == 1 and r.stdout.count("== test accuracy") == 1  # rank 0 alone prints
+    final = json.loads((out / "final.json").read_text())
+    assert final["epochs"] == 1 + 6 + 1 + 2
