@@ -232,8 +232,11 @@ def test_ranks_that_drift_apart_stop_naming_the_epoch(tmp_path):
 def _rank_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of the workers torchrun started (read from their environment)."""
     out = {}
-    for pid in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):  # the launcher's children (no procps needed)
         try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != launcher_pid:
+                    continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
         except OSError:
