@@ -105,10 +105,12 @@ def make_loaders(cfg: Config, splits: dict, augment, device: torch.device,
                  world: distributed.World = distributed.SINGLE) -> dict:
     """train (weight steps), arch (architecture steps, the val split reshuffled), val (evaluation, at most
     `eval_samples` of the val split), test. No val split, no arch and val loaders. With several ranks, each
-    rank's train and arch loaders play its shard of every epoch (the same number of steps on every rank);
-    every rank evaluates the whole val and test splits."""
+    rank's train and arch loaders play its shard of every epoch (the same number of steps on every rank); the
+    val and test loaders too with `eval_sharding=shard` (uneven shards, every sample in one), else every rank
+    evaluates the whole splits."""
     kw = dict(device=device, seed=cfg.seed)
     shard = dict(shard_id=world.rank, num_shards=world.size)
+    eval_kw = {**kw, **(shard if cfg.eval_sharding == "shard" else {})}
     tr_x, tr_y = splits["train"]
     va_x, va_y = splits["val"]
     loaders = {"train": make_loader(cfg.loader, tr_x, tr_y, cfg.batch_size, train=True, augment=augment,
@@ -119,8 +121,10 @@ def make_loaders(cfg: Config, splits: dict, augment, device: torch.device,
         if cfg.eval_samples and cfg.eval_samples < len(va_y):
             pick = np.sort(np.random.default_rng([cfg.seed, 11]).permutation(len(va_y))[:cfg.eval_samples])
             va_x, va_y = va_x[pick], va_y[pick]
-        loaders["val"] = make_loader(cfg.loader, va_x, va_y, cfg.eval_batch_size, train=False, augment=augment, **kw)
-    loaders["test"] = make_loader(cfg.loader, *splits["test"], cfg.eval_batch_size, train=False, augment=augment, **kw)
+        loaders["val"] = make_loader(cfg.loader, va_x, va_y, cfg.eval_batch_size, train=False, augment=augment,
+                                     **eval_kw)
+    loaders["test"] = make_loader(cfg.loader, *splits["test"], cfg.eval_batch_size, train=False, augment=augment,
+                                  **eval_kw)
     return loaders
 
 
@@ -161,7 +165,8 @@ class Run:
         opt = opt if opt is not None else weight_optimizer(cfg, net)
         steps = Steps(net, opt, arch=self.arch, arch_opt=self.arch_opt, grad_clip=cfg.grad_clip,
                       channels_last=self.channels_last, generator=self.gumbel, compile=cfg.compile,
-                      recompile_limit=cfg.recompile_limit, world=self.world)
+                      recompile_limit=cfg.recompile_limit, world=self.world,
+                      grad_sync=cfg.grad_sync)
         self.supernet = Model(net, opt, steps)
 
     def new_supernet(self, spec) -> None:
@@ -174,13 +179,15 @@ class Run:
         cfg = self.cfg
         net = derive(self.supernet.net, genotype, transfer=cfg.optimize_init == "supernet",
                      stem_stride=cfg.optimize_stem_stride or None, channels=cfg.optimize_channels or None)
+        if self.world.active and cfg.sync_bn:
+            net = distributed.sync_batchnorm(net, self.device)
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         opt = torch.optim.SGD(net.parameters(), lr=cfg.optimize_lr, momentum=cfg.momentum, nesterov=True,
                               weight_decay=cfg.optimize_weight_decay)
         steps = Steps(net, opt, grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing,
                       channels_last=self.channels_last, compile=cfg.compile, recompile_limit=cfg.recompile_limit,
-                      world=self.world)
+                      world=self.world, grad_sync=cfg.grad_sync)
         self.final = Model(net, opt, steps)
         x, y = self.splits["train"]
         if cfg.optimize_data == "train+val":
@@ -195,9 +202,12 @@ class Run:
     def probe_batch(self) -> torch.Tensor:
         """A fixed batch (the first of the val evaluation split, else of test) on which growth checks that
         an event preserves the network's function."""
-        if self._probe is None:
-            x, _ = next(iter(self.loaders.get("val", self.loaders["test"])))
-            self._probe = x[:64].clone()
+        if self._probe is None:  # the split's first images, whatever shard of it this rank evaluates
+            src = self.loaders.get("val", self.loaders["test"])
+            n = min(64, src.batch_size, len(src.labels))
+            x, _ = next(iter(make_loader(self.cfg.loader, src.images[:n], src.labels[:n], n, train=False,
+                                         augment=self.augment, device=self.device)))
+            self._probe = x.clone()
         return self._probe.contiguous(memory_format=torch.channels_last) if self.channels_last else self._probe
 
 
@@ -205,7 +215,7 @@ def build_run(cfg: Config) -> Run:
     """Under torchrun (WORLD_SIZE > 1) this joins the process group first: one rank per device."""
     world = distributed.env_world()
     device = resolve_device(distributed.device_for(cfg.device, world))
-    world = distributed.init(device)
+    distributed.init(device, world)
     enable_nvtx(cfg.nvtx)
     seed_everything(cfg.seed)
     if cfg.deterministic:

@@ -108,6 +108,12 @@ class Config:
     nan_limit: int = 20                   # non-finite losses tolerated (skipped) before the run stops
     seed: int = 0
     log_interval: float = 0.5             # seconds between progress-bar refreshes
+    # ---- ranks (torchrun; ignored on one rank)
+    eval_sharding: str = "shard"          # shard: each rank evaluates its share, the counts summed | full: every
+                                          # rank evaluates the whole split (measured: README "Many devices")
+    sync_bn: bool = False                 # optimize phase: BatchNorm statistics over the batches of all ranks
+    grad_sync: str = "allreduce"          # allreduce: one flattened all_reduce per step (compiles) | ddp:
+                                          # DistributedDataParallel, eager (measured: README "Many devices")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +196,8 @@ class Config:
         need(self.optimize_init in ("supernet", "fresh"), "optimize_init", "choose supernet or fresh")
         need(self.optimize_data in ("train", "train+val"), "optimize_data", "choose train or train+val")
         need(self.compile in ("auto", "on", "static", "off"), "compile", "choose auto, on, static or off")
+        need(self.eval_sharding in ("shard", "full"), "eval_sharding", "choose shard or full")
+        need(self.grad_sync in ("allreduce", "ddp"), "grad_sync", "choose allreduce or ddp")
         need(self.grow_width_factor > 1.0, "grow_width_factor", "must be > 1")
         kinds = [k for k in self.grow_kinds.split(",") if k]
         need(bool(kinds) and all(k in ("depth", "width") for k in kinds), "grow_kinds",

@@ -12,6 +12,10 @@ What makes every rank end with the same architecture, by construction rather tha
 - BatchNorm keeps per-rank batch statistics during training (as DARTS does); before an evaluation and at every
   epoch end the running statistics are averaged over the ranks (`average_buffers_`), so evaluations give the
   same numbers on every rank and a checkpoint (written by rank 0) holds the state of every rank;
+- `eval_sharding=shard` (the default): each rank evaluates its share of the val and test splits (uneven shards that
+  hold every sample once) and one `all_reduce` sums the loss, the correct count and the sample count, so every
+  rank reports the numbers of the whole split; `full` has every rank evaluate the whole split;
+- `sync_bn`: the optimize phase normalizes with the batch statistics of all ranks (`sync_batchnorm`);
 - `check_same` compares a checksum of the logits (and of the weights after a growth event) across ranks and
   stops the run naming the epoch when they differ.
 Only rank 0 writes the run directory and prints.
@@ -59,9 +63,9 @@ def env_world() -> World:
     return World(rank, size, local)
 
 
-def init(device: torch.device, timeout_s: float = 300.0) -> World:
+def init(device: torch.device, world: World | None = None, timeout_s: float = 300.0) -> World:
     """Join the process group torchrun set up (NCCL for CUDA devices, gloo for CPUs); one rank needs none."""
-    world = env_world()
+    world = world if world is not None else env_world()
     if world.active and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
@@ -133,6 +137,61 @@ def load_buffers_(module: torch.nn.Module, flat: torch.Tensor) -> None:
         _unflat_(bufs, flat.to(bufs[0].device))
 
 
+def sum_(t: torch.Tensor, world: World) -> torch.Tensor:
+    """`t` summed over the ranks (in place; one all_reduce)."""
+    if world.active:
+        dist.all_reduce(t)
+    return t
+
+
+class CpuSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the whole batch over all ranks: the per-channel
+    sum and the centred sum of squares are summed with `torch.distributed.nn`'s all_reduce, which is
+    differentiable (its backward all-reduces the gradients), so the gradients are those of one BatchNorm over
+    the concatenated batch. For gloo (CPU tensors), which torch.nn.SyncBatchNorm does not take; in eval mode it
+    is BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        c = x.shape[1]
+        n = torch.tensor([x.numel() // c], dtype=x.dtype, device=x.device)
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), n]))
+        count = stats[c]
+        mean = stats[:c] / count
+        centred = x - mean.view(1, c, 1, 1)
+        var = all_reduce(centred.square().sum((0, 2, 3))) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                unbiased = var.detach() * (count / (count - 1).clamp(min=1))
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        out = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return out
+
+
+def sync_batchnorm(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Every BatchNorm2d of `net` normalized over all ranks: torch.nn.SyncBatchNorm on GPUs (NCCL),
+    `CpuSyncBatchNorm` on CPUs (gloo). Parameters and buffers are kept (the state_dict keys do not change)."""
+    if device.type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for name, child in net.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            new = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(device)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(net, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return net
+
+
 def checksum(tensors) -> float:
     """An order-sensitive checksum of `tensors` (float64): equal values give equal sums, bit for bit."""
     total = torch.zeros((), dtype=torch.float64)
@@ -146,12 +205,19 @@ def check_same(what: str, tensors, world: World, where: str) -> None:
     """Stop the run when `tensors` differ between ranks (their checksums are gathered on every rank)."""
     if not world.active:
         return
-    mine = checksum(tensors)
-    sums = [None] * world.size
-    dist.all_gather_object(sums, mine)
+    sums = gather_object(checksum(tensors), world)
     if len(set(sums)) > 1:
         raise TrainingError(f"{what} differ between ranks {where} (checksums {sums}): the ranks drifted apart; "
                             f"the last checkpoint is the last state they agreed on")
+
+
+def gather_object(value, world: World) -> list:
+    """Every rank's `value` (a small host-side record), in rank order, on every rank."""
+    if not world.active:
+        return [value]
+    out = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def rank0(value, world: World):

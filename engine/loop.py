@@ -109,7 +109,7 @@ class PhaseLoop:
                         p.val_history.append(record["val_acc"])
                     self.check_ranks(f"after {name} epoch {p.epoch}")
                     self.save("last.pt")
-                    self.sync_stop()
+                    self.rank0_decision()  # a stop asked of any rank stops all after this epoch
                     self.stop_if_asked(f"after {name} epoch {p.epoch}")
             self.save(f"{name}.pt")
             p.phase_index += 1
@@ -200,6 +200,7 @@ class PhaseLoop:
         train_s = time.perf_counter() - t0
 
         val = (None, None)
+        t_eval = time.perf_counter()
         if ph.evaluate:  # the val split: the search's own data, never the test set
             with nvtx_range("eval"):
                 if ph.supernet:
@@ -211,6 +212,8 @@ class PhaseLoop:
                               sums=totals, val=val, arch=arch, model=net, genotype=genotype,
                               lr=float(ph.model.opt.param_groups[0]["lr"]), n_steps=n_steps, train_s=train_s,
                               searching=ph.searching, compile_totals=self.compile_totals())
+        if ph.evaluate:
+            record["eval_s"] = round(time.perf_counter() - t_eval, 2)
         if ph.supernet and self.world.main:
             write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
         return record
@@ -220,18 +223,15 @@ class PhaseLoop:
         """A mid-epoch checkpoint after step `i`: its clock is due or a stop was asked. With several ranks it is
         rank 0's decision, passed on every SYNC_STEPS steps (one small host-side broadcast), so every rank
         checkpoints (and stops) at the same step."""
-        if not self.world.active:
-            return self.clock.due() or self.stop.signum is not None
-        if (i + 1) % SYNC_STEPS:
+        if self.world.active and (i + 1) % SYNC_STEPS:
             return False
-        due, signum = distributed.rank0((self.clock.due(), self.stop.signum), self.world)
-        self.stop.signum = signum
-        return due or signum is not None
+        return self.rank0_decision() or self.stop.signum is not None
 
-    def sync_stop(self) -> None:
-        """Rank 0's stop request on every rank (torchrun signals all of them, not at the same instant)."""
-        if self.world.active:
-            self.stop.signum = distributed.rank0(self.stop.signum, self.world)
+    def rank0_decision(self) -> bool:
+        """Whether the checkpoint clock is due, and the stop request (torchrun signals every rank, not at the same
+        instant), as rank 0 sees them, on every rank: the request is set here, the clock's answer returned."""
+        due, self.stop.signum = distributed.rank0((self.clock.due(), self.stop.signum), self.world)
+        return due
 
     def check_ranks(self, where: str) -> None:
         """Every rank holds the same logits (and, after growth, weights): compared by checksum, stop if not."""
@@ -301,8 +301,11 @@ class PhaseLoop:
         distributed.check_same("grown weights", run.supernet.net.parameters(), self.world,
                                f"after the {kind} event of growth epoch {p.epoch + 1}")
         recompile = self.recompile()
-        return {**grown.event, "phase": "growth", "epoch": p.epoch, "global_epoch": p.global_epoch,
-                "step": p.global_step, "recompile_s": recompile["seconds"], "recompiles": recompile["recompiles"]}
+        event = {**grown.event, "phase": "growth", "epoch": p.epoch, "global_epoch": p.global_epoch,
+                 "step": p.global_step, "recompile_s": recompile["seconds"], "recompiles": recompile["recompiles"]}
+        if self.world.active:  # exactly one recompile per step graph on every rank, not only on rank 0
+            event["recompiles_per_rank"] = distributed.gather_object(recompile["recompiles"], self.world)
+        return event
 
     def recompile(self) -> dict:
         """After a growth event every step graph is thrown away and compiled exactly once, now."""
@@ -330,6 +333,8 @@ class PhaseLoop:
         final = final_record(test=test, model=model.net, genotype=genotype, wall=wall, progress=p, arch=run.arch,
                              device=run.device)
         self.check_ranks("at the end")
+        if self.world.active:  # the compile monitor of every rank (rank 0 writes final.json)
+            final["compile_per_rank"] = distributed.gather_object(self.compile_totals(), self.world)
         self.metrics.append({"phase": "final", **{k: v for k, v in final.items() if k != "genotype"}})
         if self.world.main:
             write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
@@ -339,7 +344,8 @@ class PhaseLoop:
         return final
 
     def save(self, name: str) -> None:
-        save_run(os.path.join(self.out, "checkpoints", name), self.run, self.p, self.metrics.count())
+        lines = self.metrics.count() if self.world.main else 0  # rank 0 writes the checkpoint and the metrics
+        save_run(os.path.join(self.out, "checkpoints", name), self.run, self.p, lines)
         self.clock.reset()
 
     def stop_if_asked(self, where: str, bar=None) -> None:

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .arch import Architecture
-from .distributed import SINGLE, World, average_buffers_, average_gradients_
+from .distributed import SINGLE, World, average_buffers_, average_gradients_, sum_
+from .errors import ConfigError
 from .compile import CompileMonitor, OpGraphs, eager, monitor as get_monitor, reset as reset_compiled, resolve_policy
 from .network import Network
 from .profiling import nvtx_range
@@ -97,7 +98,7 @@ class Steps:
                  arch_opt: torch.optim.Optimizer | None = None, grad_clip: float = 5.0,
                  label_smoothing: float = 0.0, channels_last: bool = False,
                  generator: torch.Generator | None = None, compile: str = "off", recompile_limit: int = 64,
-                 world: World = SINGLE):
+                 world: World = SINGLE, grad_sync: str = "allreduce"):
         self.net, self.weight_opt, self.arch, self.arch_opt = net, weight_opt, arch, arch_opt
         self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
         self.channels_last = channels_last
@@ -110,6 +111,7 @@ class Steps:
         self._static: dict = {}       # phase -> compiled forward+loss
         self._op_graphs = False
         self.sync_free = self.policy["sync_free"]   # no host read in a weight step (fused optimizers)
+        self.ddp = self._wrap_ddp(grad_sync, device)
         self.configure_optimizers()
 
     # ------------------------------------------------------------------------------------------ setup
@@ -121,6 +123,22 @@ class Steps:
 
     def _graph(self, name: str):
         return self.monitor.graph(name) if self.monitor is not None else contextlib.nullcontext()
+
+    def _wrap_ddp(self, grad_sync: str, device: torch.device):
+        """grad_sync=ddp (several ranks): weight steps run through DistributedDataParallel instead of the
+        flattened all_reduce (`average_gradients_`), for comparison (bench/ddp.py). The supernet needs
+        find_unused_parameters (only the sampled ops have gradients; no static graph: the graph changes every
+        step). BN buffers stay per rank as with the all_reduce. Architecture steps never go through DDP (their
+        backward reaches only the logits). Eager steps only: the all_reduce path keeps the compiled graphs."""
+        if not self.world.active or grad_sync != "ddp":
+            return None
+        if self.compiling:
+            raise ConfigError("grad_sync=ddp takes eager steps: add --set compile=off (or keep grad_sync=allreduce, "
+                              "which compiles)")
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=self.net.is_supernet, broadcast_buffers=False,
+                                       gradient_as_bucket_view=True)
 
     def configure_optimizers(self) -> None:
         """(Again) after an optimizer's state is loaded from a checkpoint."""
@@ -203,11 +221,12 @@ class Steps:
         (grad, tau, skip_bias) per step, in the order the steps run; their routing reaches the host in one read."""
         self.arch.prefetch(phase, plans, self.generator)
 
-    def _forward(self, x, phase: str | None, grad_arch: bool):
+    def _forward(self, x, phase: str | None, grad_arch: bool, net=None):
+        net = net if net is not None else self.net
         if self.net.is_supernet:
             sample = self.arch.sample(phase, grad=grad_arch, generator=self.generator)
-            return self.net(x, sample)
-        return self.net(x)
+            return net(x, sample)
+        return net(x)
 
     def _train_mode(self) -> None:
         """`Module.train()` walks every submodule: ~35 ms per call on the main job's supernet (3,000
@@ -227,14 +246,15 @@ class Steps:
                     self._mark_step()
                     loss, out = self._static[key](x, y)
                 else:
-                    out = self._forward(x, phase, grad_arch=False)
+                    out = self._forward(x, phase, grad_arch=False, net=self.ddp)
                     loss = self.criterion(out, y)
             correct = (out.detach().argmax(1) == y).sum()
             params = [p for g in self.weight_opt.param_groups for p in g["params"]]
             self.weight_opt.zero_grad(set_to_none=True)
             with nvtx_range("backward"):
                 loss.backward(inputs=params)
-                average_gradients_(params, self.world)  # data-parallel: every rank applies the same update
+                if self.ddp is None:  # data-parallel: every rank applies the same update
+                    average_gradients_(params, self.world)
             with nvtx_range("optimizer"):
                 norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
                 ok = torch.isfinite(norm) & torch.isfinite(loss.detach())
@@ -292,7 +312,13 @@ class Steps:
                 sums = batch if sums is None else sums + batch
                 count += len(y)
         self.net.train()
-        total_loss, correct = sums.tolist() if sums is not None else (0.0, 0.0)
+        if sums is None:
+            sums = torch.zeros(2, dtype=torch.float64, device=next(self.net.parameters()).device)
+        if getattr(getattr(loader, "plan", None), "num_shards", 1) > 1:  # a shard each: the whole split's counts
+            total = sum_(torch.cat([sums, sums.new_tensor([count])]), self.world).tolist()
+            (total_loss, correct), count = total[:2], int(total[2])
+        else:
+            total_loss, correct = sums.tolist()
         return total_loss / max(count, 1), correct / max(count, 1)
 
     def _eval_forward(self, x: torch.Tensor, sample) -> torch.Tensor:

@@ -23,7 +23,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # fields of metrics.jsonl and final.json that hold wall-clock figures: a resumed run equals an uninterrupted one
 # in everything else
-TIMING = {"it_s", "images_s", "epoch_s", "elapsed_s", "wall_s", "grow_s", "recompile_s", "compile_s"}
+TIMING = {"it_s", "images_s", "epoch_s", "elapsed_s", "wall_s", "grow_s", "recompile_s", "compile_s", "eval_s"}
 
 
 def untimed(records: list[dict]) -> list[dict]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -22,6 +23,7 @@ from engine.build import build_run
 from engine.checkpoint import load_checkpoint
 from engine.config import preset
 from engine.errors import CheckpointError, TrainingError
+from engine.stopping import Stopped, StopRequest
 from engine.trainer import Trainer
 
 from .conftest import untimed
@@ -69,6 +71,34 @@ def _search(rank: int, out: str, results: str, stop_after) -> None:
                os.path.join(results, f"rank{rank}.pt"))
 
 
+class _StopInSearch(StopRequest):
+    """SIGTERM, as rank 0 alone sees it, from the search phase's second step on (smoke: 4 warmup steps)."""
+
+    def __init__(self, progress):
+        super().__init__()
+        self.progress = progress
+        self._asked = None
+
+    @property
+    def signum(self):
+        return self._asked or (signal.SIGTERM if self.progress.global_step >= 6 else None)
+
+    @signum.setter
+    def signum(self, value):
+        self._asked = value
+
+
+def _search_stopped_mid_epoch(rank: int, out: str) -> None:
+    """Rank 0 is asked to stop in search epoch 1; both ranks checkpoint at the same step (decisions are passed
+    every SYNC_STEPS steps: 2 here) and stop."""
+    from engine import loop
+    loop.SYNC_STEPS = 2
+    trainer = Trainer(preset("smoke").override(SMOKE), out, log=_quiet)
+    stop = _StopInSearch(trainer.progress) if rank == 0 else StopRequest()
+    with pytest.raises(Stopped):
+        trainer.loop(stop)()
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out, results = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("results")
@@ -96,7 +126,9 @@ def test_two_ranks_end_with_identical_logits_and_genotype_and_rank_0_writes_once
     keys = [(r["phase"], r.get("epoch"), r.get("kind")) for r in records]
     assert len(keys) == len(set(keys))
     assert [r["phase"] for r in records if "epoch" in r][:3] == ["warmup", "search", "growth"]
-    assert json.loads((out / "final.json").read_text())["genotype_str"] == ranks[0]["genotype"]
+    final = json.loads((out / "final.json").read_text())
+    assert final["genotype_str"] == ranks[0]["genotype"]
+    assert [c["compiles"] for c in final["compile_per_rank"]] == [0, 0]  # each rank's monitor (compile off here)
     # each rank played half of every epoch
     single = build_run(preset("smoke").override(SMOKE))
     assert ranks[0]["train_batches"] == ranks[1]["train_batches"] == len(single.loaders["train"]) // 2
@@ -112,7 +144,14 @@ def test_each_rank_reads_its_shard():
     assert [len(h["train"]) for h in halves] == [n // 2, n // 2]
     seen = [set(b.indices.tolist()) for h in halves for b in h["train"].plan.batches(0)]
     assert not set.intersection(set().union(*seen[:len(seen) // 2]), set().union(*seen[len(seen) // 2:]))
-    assert len(halves[0]["val"]) == len(single.loaders["val"])  # every rank evaluates the whole val split
+    # eval_sharding=shard: the val and test shards hold every sample exactly once between them
+    for split in ("val", "test"):
+        shards = [np.concatenate([b.indices for b in h[split].plan.batches(0)]) for h in halves]
+        assert sorted(np.concatenate(shards).tolist()) == list(range(single.loaders[split].num_samples))
+    # eval_sharding=full: every rank evaluates the whole split
+    full = cfg.override(["eval_sharding=full"])
+    whole = make_loaders(full, single.splits, single.augment, single.device, distributed.World(1, 2, 1))
+    assert whole["val"].num_samples == single.loaders["val"].num_samples
 
 
 @pytest.mark.slow
@@ -124,10 +163,15 @@ def test_resume_on_another_world_size_is_refused(two_ranks):
 
 @pytest.mark.slow
 def test_a_stopped_two_rank_run_resumes_to_the_same_end(two_ranks, tmp_path):
+    """Stopped mid-epoch in search (loader positions, architecture stream, epoch sums), resumed and stopped again
+    after the first optimize epoch (each rank's BN statistics), resumed to the end: the uninterrupted run."""
     ref, ranks = two_ranks
     out, results = tmp_path / "run", tmp_path / "results"
     results.mkdir()
-    spawn(_search, str(out), str(results), 4)   # stopped after the first optimize epoch
+    spawn(_search_stopped_mid_epoch, str(out))
+    state = load_checkpoint(str(out / "checkpoints" / "last.pt"))
+    assert (state["phase_index"], state["step_in_epoch"]) == (1, 2)  # search, mid-epoch
+    spawn(_search, str(out), str(results), 3)   # the rest of search, growth, the first optimize epoch
     spawn(_search, str(out), str(results), None)  # resumed on both ranks from rank 0's checkpoint
     assert untimed(_records(out)) == untimed(_records(ref))
     for r in range(2):
@@ -157,11 +201,11 @@ def _batch():
     return torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
 
 
-def _tiny_step(world: distributed.World):
+def _tiny_step(world: distributed.World, grad_sync: str = "allreduce"):
     from engine.steps import Steps
     net = _Tiny()
     before = [p.detach().clone() for p in net.parameters()]
-    steps = Steps(net, torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9), world=world)
+    steps = Steps(net, torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9), world=world, grad_sync=grad_sync)
     x, y = _batch()
     if world.active:
         x, y = x.chunk(world.size)[world.rank], y.chunk(world.size)[world.rank]
@@ -169,40 +213,148 @@ def _tiny_step(world: distributed.World):
     return before, [p.detach().clone() for p in net.parameters()]
 
 
-def _arch_step(world: distributed.World):
-    cfg = preset("smoke").override(SMOKE + ["channels_last=false"])
+class _TinyBN(_Tiny):
+    """With BatchNorm in training mode: 2 ranks x B equal 2B only when the statistics are synchronized."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def _sync_bn_step(world: distributed.World):
+    from engine.steps import Steps
+    net = _TinyBN()
+    if world.active:
+        net = distributed.sync_batchnorm(net, torch.device("cpu"))
+    state = lambda: [t.detach().clone() for t in [*net.parameters(), *net.buffers()]]  # noqa: E731
+    before = state()
+    steps = Steps(net, torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9), world=world)
+    x, y = _batch()
+    if world.active:
+        x, y = x.chunk(world.size)[world.rank], y.chunk(world.size)[world.rank]
+    steps.weight_step(x, y)
+    return before, state()
+
+
+def _evaluation(world: distributed.World) -> dict:
+    """The test split evaluated by the run's own loaders: a shard on each rank (eval_sharding=shard)."""
+    run = build_run(preset("smoke").override(SMOKE))
+    loss, acc = run.supernet.steps.evaluate(run.loaders["test"], "argmax")
+    return {"loss": loss, "acc": acc, "samples": run.loaders["test"].num_samples}
+
+
+def _bn_free_supernet(world: distributed.World, grad_sync: str = "allreduce"):
+    """The smoke run's supernet without BatchNorm (per-rank batch statistics would differ) and 8 test images
+    (4 per rank on 2 ranks)."""
+    cfg = preset("smoke").override(SMOKE + ["channels_last=false", "eval_sharding=full", f"grad_sync={grad_sync}"])
     run = build_run(cfg)
-    for m in run.supernet.net.modules():  # BN-free supernet: per-rank batch statistics would differ
+    for m in run.supernet.net.modules():
         for name, child in m.named_children():
             if isinstance(child, nn.BatchNorm2d):
                 setattr(m, name, nn.Identity())
+    run.adopt_supernet(run.supernet.net)  # steps (and DDP) over the BN-free network
     x, y = next(iter(run.loaders["test"]))
     x, y = x[:8], y[:8]
     if world.active:
         x, y = x.chunk(world.size)[world.rank], y.chunk(world.size)[world.rank]
-    run.supernet.steps.world = world
+    return run, x, y
+
+
+def _arch_step(world: distributed.World):
+    run, x, y = _bn_free_supernet(world)
     before = [p.detach().clone() for p in run.arch.parameters()]
     run.supernet.steps.arch_step(x, y, "search")
     return before, [p.detach().clone() for p in run.arch.parameters()]
 
 
+def _sampled_weight_step(world: distributed.World, grad_sync: str = "allreduce"):
+    """A search weight step: only the sampled ops have gradients (DDP: find_unused_parameters)."""
+    run, x, y = _bn_free_supernet(world, grad_sync)
+    params = list(run.supernet.net.parameters())
+    before = [p.detach().clone() for p in params]
+    run.supernet.steps.weight_step(x, y, "search")
+    return before, [p.detach().clone() for p in params]
+
+
 def _step_on_rank(rank: int, results: str) -> None:
     world = distributed.init(torch.device("cpu"))
-    torch.save({"weights": _tiny_step(world), "logits": _arch_step(world)}, os.path.join(results, f"step{rank}.pt"))
+    torch.save({"weights": _tiny_step(world), "logits": _arch_step(world), "sync_bn": _sync_bn_step(world),
+                "eval": _evaluation(world), "ddp": _tiny_step(world, "ddp"),
+                "sampled": _sampled_weight_step(world), "sampled_ddp": _sampled_weight_step(world, "ddp")},
+               os.path.join(results, f"step{rank}.pt"))
 
 
 @pytest.mark.slow
 def test_a_step_on_two_ranks_equals_one_step_on_twice_the_batch(tmp_path):
+    """Weight step (all_reduce and DDP; all parameters used, and a search step where only the sampled ops have
+    gradients), architecture step, a weight step through synchronized BatchNorm (training mode), and the
+    sharded evaluation: 2 ranks give what one rank gives on the whole batch / split."""
     spawn(_step_on_rank, str(tmp_path))
-    single = {"weights": _tiny_step(distributed.SINGLE), "logits": _arch_step(distributed.SINGLE)}
-    for r in range(2):
-        ranked = torch.load(tmp_path / f"step{r}.pt")
-        for kind in ("weights", "logits"):
-            (start, after), (single_start, single_after) = ranked[kind], single[kind]
+    single = {"weights": _tiny_step(distributed.SINGLE), "logits": _arch_step(distributed.SINGLE),
+              "sync_bn": _sync_bn_step(distributed.SINGLE), "sampled": _sampled_weight_step(distributed.SINGLE)}
+    single["ddp"], single["sampled_ddp"] = single["weights"], single["sampled"]  # DDP: the same update
+    whole = _evaluation(distributed.SINGLE)
+    ranked = [torch.load(tmp_path / f"step{r}.pt") for r in range(2)]
+    assert sum(r["eval"]["samples"] for r in ranked) == whole["samples"]  # every test image once
+    assert all(0 < r["eval"]["samples"] < whole["samples"] for r in ranked)
+    for r in ranked:
+        assert r["eval"]["acc"] == whole["acc"]
+        assert r["eval"]["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    for mine in ranked:
+        for kind in ("weights", "logits", "sync_bn", "ddp", "sampled", "sampled_ddp"):
+            (start, after), (single_start, single_after) = mine[kind], single[kind]
             assert all(torch.equal(a, b) for a, b in zip(start, single_start))
             assert any(not torch.equal(a, b) for a, b in zip(start, after))  # the step moved them
             for a, b in zip(after, single_after):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_bn_is_torchs_on_gpus_and_keeps_the_state():
+    """On GPUs the optimize phase's BatchNorms become torch.nn.SyncBatchNorm (NCCL), on CPUs the gloo-capable
+    one; either way the parameters and buffers are the ones the network had."""
+    for device, kind in (("cuda", nn.SyncBatchNorm), ("cpu", distributed.CpuSyncBatchNorm)):
+        net = _TinyBN()
+        net.body[1].running_mean.fill_(0.25)
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        net = distributed.sync_batchnorm(net, torch.device(device))
+        assert type(net.body[1]) is kind and not any(type(m) is nn.BatchNorm2d for m in net.modules())
+        assert state.keys() == net.state_dict().keys()
+        assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+
+
+# ------------------------------------------------------------------------------------------ compile
+def _compiled_growth(rank: int, out: str, results: str) -> None:
+    cfg = preset("smoke").override(["optimize_epochs=0", "search_epochs=1", "growth_epochs=2", "grow_every=1",
+                                    "compile=on", "synthetic_size=8", "layers=1", "channels=4",
+                                    "stem_multiplier=1", "batch_size=16"])
+    t = Trainer(cfg, out, log=_quiet)
+    x, y = next(iter(t.loaders["train"]))
+    t.steps.precompile(x, y, "growth")
+    graphs = len({g for g in t.steps.monitor.graphs if g.startswith("op:")})
+    event = t.grow("width")
+    before = t.steps.monitor.totals()
+    batches, arch = iter(t.loaders["train"]), iter(t.loaders["arch"])
+    for _ in range(2):
+        t.steps.weight_step(*next(batches), "growth")
+        t.steps.arch_step(*next(arch), "growth")
+    after = t.steps.monitor.totals()
+    torch.save({"graphs": graphs, "event": event, "before": before, "after": after},
+               os.path.join(results, f"compile{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_compiled_steps_on_two_ranks_recompile_once_per_rank_per_event(tmp_path):
+    """compile=on under 2 ranks: a growth event recompiles each per-op graph exactly once on every rank
+    (counted by each rank's monitor, gathered into the event record), then the steps compile nothing."""
+    spawn(_compiled_growth, str(tmp_path / "run"), str(tmp_path))
+    for r in range(2):
+        got = torch.load(tmp_path / f"compile{r}.pt")
+        assert got["graphs"] > 0
+        assert got["event"]["recompiles_per_rank"] == [got["graphs"]] * 2
+        for key in ("compiles", "recompiles"):
+            assert got["after"][key] == got["before"][key], key
 
 
 # ------------------------------------------------------------------------------------------ drift

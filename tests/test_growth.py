@@ -14,6 +14,7 @@ from engine.errors import TrainingError
 from engine.net2net import (choose_depth_position, grow_depth, grow_width, transfer_optimizer_state, widen_map)
 from engine.network import Network, darts_spec
 from engine.trainer import Trainer
+from .conftest import untimed
 
 
 def _supernet(size, ch, c=4, layers=5):
@@ -220,11 +221,9 @@ def test_checkpoint_after_growth_loads_with_identical_outputs_and_resume_works(t
     full = _trainer(tmp_path, name="b")
     full.run()
 
-    def untimed(path):
-        keys = {"it_s", "images_s", "epoch_s", "elapsed_s", "wall_s", "grow_s", "recompile_s", "compile_s"}
-        return [{k: v for k, v in json.loads(line).items() if k not in keys}
-                for line in path.read_text().splitlines()]
-    assert untimed(tmp_path / "a" / "metrics.jsonl") == untimed(tmp_path / "b" / "metrics.jsonl")
+    def records(path):
+        return untimed([json.loads(line) for line in path.read_text().splitlines()])
+    assert records(tmp_path / "a" / "metrics.jsonl") == records(tmp_path / "b" / "metrics.jsonl")
 
 
 @pytest.mark.slow

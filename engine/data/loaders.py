@@ -55,19 +55,21 @@ class Batch:
 class EpochPlan:
     """Which samples each batch of an epoch holds, and how each is augmented. Pure function of (seed, epoch).
 
-    Sharding: every shard sees the same permutation and takes every `num_shards`-th element of it, cut to
-    a common length so all shards run the same number of steps.
+    Sharding: every shard sees the same permutation and takes every `num_shards`-th element of it. `even`
+    (training) cuts the shards to a common length so all shards run the same number of steps; uneven shards
+    (evaluation) hold every sample exactly once between them.
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, augment: Augment,
-                 seed: int = 0, shard_id: int = 0, num_shards: int = 1, max_batches: int | None = None):
+                 seed: int = 0, shard_id: int = 0, num_shards: int = 1, max_batches: int | None = None,
+                 even: bool = True):
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if num_shards < 1 or not 0 <= shard_id < num_shards:
             raise ConfigError(f"shard_id must be in [0, num_shards), got shard_id={shard_id}, num_shards={num_shards}")
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.augment, self.seed, self.shard_id, self.num_shards = augment, seed, shard_id, num_shards
-        self.per_shard = n // num_shards if num_shards > 1 else n
+        self.per_shard = n // num_shards if even else len(range(shard_id, n, num_shards))
         batches = num_batches(self.per_shard, batch_size, drop_last)
         self.num_batches = batches if max_batches is None else min(batches, max_batches)
         if self.num_batches == 0:
@@ -128,7 +130,8 @@ class _Loader:
         self.device = torch.device(device)
         self.plan = EpochPlan(len(images), batch_size, shuffle=train,
                               drop_last=train if drop_last is None else drop_last, augment=self.augment,
-                              seed=seed, shard_id=shard_id, num_shards=num_shards, max_batches=max_batches)
+                              seed=seed, shard_id=shard_id, num_shards=num_shards, max_batches=max_batches,
+                              even=train)
         self.batch_size = batch_size
         self._next_epoch = 0
 
