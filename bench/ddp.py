@@ -10,6 +10,11 @@ second (from its metrics.jsonl) times the number of ranks, since every rank trai
 same pace. Scaling efficiency = (N-rank throughput) / (1-rank throughput): the share of the cores' work the
 extra ranks keep once they synchronize every step (on a 2-core CPU the cores are not added, they are
 split, so efficiency near 1 means the all-reduce costs little; below 1, it costs).
+
+The N-rank layouts: the engine's defaults (`grad_sync=allreduce`: one flattened all_reduce per step;
+`eval_sharding=shard`: each rank evaluates its share of the val split), then `grad_sync=ddp`
+(DistributedDataParallel, find_unused_parameters for the supernet) and `eval_sharding=full` (every rank
+evaluates the whole val split). eval_s: the seconds of the warmup and search epochs' val evaluations.
 """
 from __future__ import annotations
 
@@ -34,11 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(preset: str, ranks: int, threads: int, steps: int, subset: int, work: str) -> dict:
+def run_layout(preset: str, ranks: int, threads: int, steps: int, subset: int, work: str,
+               extra: tuple[str, ...] = ()) -> dict:
     out = os.path.join(work, f"r{ranks}")
     shutil.rmtree(out, ignore_errors=True)
     sets = [f"steps_per_epoch={steps}", "growth_epochs=0", "optimize_epochs=1", f"train_subset={subset}",
-            "device=cpu"]
+            "device=cpu", *extra]
     cli = ["-m", "engine.cli", "search", "--preset", preset, "--out", out, "--checkpoint-every", "100000",
            *sum((["--set", s] for s in sets), [])]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_port", str(_free_port())] \
@@ -49,11 +55,15 @@ def run_layout(preset: str, ranks: int, threads: int, steps: int, subset: int, w
         raise SystemExit(f"ddp bench: {ranks} rank(s) failed:\n{r.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    row = {"ranks": ranks, "threads_per_rank": threads}
+    row = {"ranks": ranks, "threads_per_rank": threads, "settings": " ".join(extra) or "defaults"}
     for phase in PHASES:
         rec = next(x for x in records if x.get("phase") == phase)
         row[f"{phase}_img_s"] = rec["images_s"] * ranks
+    row["eval_s"] = round(sum(x.get("eval_s", 0.0) for x in records if x.get("phase") in ("warmup", "search")), 2)
     return row
+
+
+VARIANTS = ((), ("grad_sync=ddp",), ("eval_sharding=full",))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="asose-ddp-")
     try:
         # the single rank runs twice as many steps per epoch, so both layouts train on the same images
-        rows = [run_layout(args.preset, 1, args.threads, args.steps * args.ranks, args.optimize_subset, work),
-                run_layout(args.preset, args.ranks, args.threads // args.ranks, args.steps, args.optimize_subset,
-                           work)]
+        rows = [run_layout(args.preset, 1, args.threads, args.steps * args.ranks, args.optimize_subset, work)]
+        for extra in VARIANTS:
+            rows.append(run_layout(args.preset, args.ranks, args.threads // args.ranks, args.steps,
+                                   args.optimize_subset, work, extra))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for phase in PHASES:
-        rows[1][f"{phase}_efficiency"] = round(rows[1][f"{phase}_img_s"] / rows[0][f"{phase}_img_s"], 3)
-    print_table(rows, ["ranks", "threads_per_rank"] + [f"{ph}_img_s" for ph in PHASES]
-                + [f"{ph}_efficiency" for ph in PHASES], title=f"data-parallel throughput, {args.preset}")
+    for row in rows[1:]:
+        for phase in PHASES:
+            row[f"{phase}_efficiency"] = round(row[f"{phase}_img_s"] / rows[0][f"{phase}_img_s"], 3)
+    print_table(rows, ["ranks", "threads_per_rank", "settings"] + [f"{ph}_img_s" for ph in PHASES]
+                + [f"{ph}_efficiency" for ph in PHASES] + ["eval_s"], title=f"data-parallel throughput, {args.preset}")
     if args.json:
         write_json(args.json, rows, args=vars(args))
     return 0
