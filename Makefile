@@ -9,19 +9,19 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 RUN_DIR ?= runs/fashion-mnist
 PRESET ?= fashion-mnist
 
-.PHONY: run test install data bench clean gpu-check
+.PHONY: run test install data bench clean gpu-check report-check
 
 # Idempotent: an interrupted run in RUN_DIR is resumed (one killed before its first checkpoint starts again);
 # a finished one (final.json, written last) is kept and a new run starts beside it.
 run: install data
 	@if [ -f $(RUN_DIR)/config.json ] && [ ! -f $(RUN_DIR)/final.json ]; then \
 	  echo "resuming the unfinished run in $(RUN_DIR)"; \
-	  $(PY) -m engine.cli search --resume $(RUN_DIR); \
+	  out=$(RUN_DIR); $(PY) -m engine.cli search --resume $$out; \
 	else \
 	  out=$(RUN_DIR); [ -f $(RUN_DIR)/final.json ] && out=$(RUN_DIR)-$$(date +%Y%m%d-%H%M%S); \
 	  echo "run directory: $$out"; \
 	  $(PY) -m engine.cli search --preset $(PRESET) --out $$out; \
-	fi
+	fi && echo "report: $$($(PY) -m engine.cli report $$out)"
 
 test: install data
 	$(PY) -m pytest -q
@@ -55,6 +55,11 @@ bench: install data
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The report's one real-browser check: Debian's Chromium renders index.html (installed here when missing).
+report-check: install
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	$(PY) -m pytest -q tests/test_report.py -k chromium
 
 # Everything only a GPU can measure (cuda tests, kernel and step benches, a short search, an Nsight capture):
 # under 10 minutes on one H100; without a GPU the CPU-possible parts run and the rest say "no GPU".

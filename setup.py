@@ -1,6 +1,9 @@
 """ASO-SE: a compiled training engine for differentiable neural architecture search."""
 from setuptools import setup
 
+EXPORT = ["onnx", "onnxscript", "onnxruntime"]   # aso-se export --format onnx (TorchScript needs only torch)
+TENSORBOARD = ["tensorboard"]                     # --tensorboard
+
 setup(
     name="aso-se",
     version="0.1.0",
@@ -17,7 +20,12 @@ setup(
         "numpy",
         "nvtx",
         "tqdm",
+        "matplotlib",        # aso-se report
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "export": EXPORT,
+        "tensorboard": TENSORBOARD,
+        "test": ["pytest", *EXPORT, *TENSORBOARD],  # the suite checks the export round trips and the scalars
+    },
     entry_points={"console_scripts": ["aso-se = engine.cli:main"]},
 )

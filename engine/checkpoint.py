@@ -84,12 +84,18 @@ class MetricsLog:
     def __init__(self, path: str, write: bool = True):
         self.path = path
         self.write = write  # False on the ranks other than 0 of a data-parallel run: they read, never write
+        self.listeners: list = []  # called with each record after it is written (TensorBoard)
 
     def append(self, record: dict) -> None:
         """One line, flushed to disk. A line cut short by a kill or a full disk is dropped at resume (the
         checkpoint counts the lines it covers)."""
         if not self.write:
             return
+        self._write(record)
+        for listener in self.listeners:
+            listener(record)
+
+    def _write(self, record: dict) -> None:
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -6,6 +6,8 @@
     aso-se eval --checkpoint runs/fm/checkpoints/last.pt
     aso-se data --dataset fashion-mnist
     aso-se profile --preset smoke --steps 5 --out runs/prof
+    aso-se report runs/fm                                     runs/fm/report/index.html: curves, cells, tables
+    aso-se export runs/fm --format onnx                       the trained network, loadable without ASO-SE
     torchrun --nproc_per_node=2 -m engine.cli search --preset smoke --out runs/ddp    data-parallel (engine/distributed.py)
 
 Bad input ends with one line `aso-se: error: ...` and exit code 2; nothing already written is touched.
@@ -90,14 +92,15 @@ def cmd_search(args) -> int:
         if args.device is not None:
             cfg.device = args.device  # another device of the same kind (checked against the checkpoint)
         trainer = Trainer(cfg, args.resume, resume=args.from_ or True, stop_after=args.stop_after,
-                          checkpoint_every_s=args.checkpoint_every)
+                          checkpoint_every_s=args.checkpoint_every, tensorboard=args.tensorboard)
     else:
         if not args.out:
             raise ConfigError("search needs --out DIR for the run directory (or --resume DIR)")
         cfg = _config(args)
         if env_world().main:  # under torchrun rank 0 may have begun writing it already
             _check_fresh_out(args.out)
-        trainer = Trainer(cfg, args.out, stop_after=args.stop_after, checkpoint_every_s=args.checkpoint_every)
+        trainer = Trainer(cfg, args.out, stop_after=args.stop_after, checkpoint_every_s=args.checkpoint_every,
+                          tensorboard=args.tensorboard)
     try:
         trainer.run()
     finally:
@@ -117,7 +120,7 @@ def cmd_train(args) -> int:
     if env_world().main:
         _check_fresh_out(args.out)
     trainer = Trainer(cfg, args.out, genotype=genotype, stop_after=args.stop_after,
-                      checkpoint_every_s=args.checkpoint_every)
+                      checkpoint_every_s=args.checkpoint_every, tensorboard=args.tensorboard)
     try:
         trainer.run()
     finally:
@@ -149,6 +152,24 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+    print(write_report(args.run, args.out))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .errors import TrainingError
+    from .export import export_run
+    result = export_run(args.run, args.format, args.out)
+    print(json.dumps(result, indent=2))
+    if result["max_abs_diff"] > 1e-4 or not result["test_acc_matches"]:
+        raise TrainingError(f"{result['file']}: the exported model does not reproduce the run (max |diff| "
+                            f"{result['max_abs_diff']:.2e}, test accuracy {result['test_acc']} vs the run's "
+                            f"{result['run_test_acc']}); report it as a bug")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aso-se", description="ASO-SE: differentiable architecture search in four "
                                      "phases (warmup, search, growth, optimize), compiled and profiled.")
@@ -167,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs in this process (continue later with --resume)")
     p.add_argument("--list-fields", action="store_true", help="print every config field with its default and exit")
+    _add_tensorboard(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("train", help="train a derived architecture from scratch",
@@ -178,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=None, help="optimize epochs (default: the preset's)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help=argparse.SUPPRESS)
     _add_checkpoint_every(p)
+    _add_tensorboard(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on the test (or val) split",
@@ -207,7 +230,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=12, help="ops to list per phase")
     p.add_argument("--out", required=True, help="directory for the traces")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("report", help="write RUN/report/index.html: curves, architecture, cells, tables",
+                       description="Draw a run directory (finished or not) as one self-contained HTML page with its "
+                                   "figures as PNG and SVG beside it; prints the page's path.")
+    p.add_argument("run", help="run directory (the --out of a search)")
+    p.add_argument("--out", default=None, help="report directory (default RUN/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write the trained network as TorchScript or ONNX, checked against the run",
+                       description="Write the derived, trained network of a finished run in eval mode, "
+                                   "normalization and test-time flip folded in (input: float images in [0, 1]), "
+                                   "then load it back without ASO-SE and compare it with the engine.")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"))
+    p.add_argument("--out", default=None, help="file (default RUN/model.pt or RUN/model.onnx)")
+    p.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_tensorboard(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to RUN/tensorboard/ (needs the tensorboard package)")
 
 
 def main(argv: list[str] | None = None) -> int:

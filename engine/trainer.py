@@ -41,7 +41,8 @@ def holds_run(out_dir: str) -> bool:
 
 class Trainer:
     def __init__(self, cfg: Config, out_dir: str, *, resume: bool | str = False, stop_after: int | None = None,
-                 genotype: Genotype | None = None, log=None, checkpoint_every_s: float | None = CHECKPOINT_EVERY_S):
+                 genotype: Genotype | None = None, log=None, checkpoint_every_s: float | None = CHECKPOINT_EVERY_S,
+                 tensorboard: bool = False):
         self.cfg, self.out = cfg, out_dir
         self.stop_after, self.genotype, self.checkpoint_every_s = stop_after, genotype, checkpoint_every_s
         self.run_state = build_run(cfg)
@@ -77,6 +78,12 @@ class Trainer:
             self.metrics.truncate(0)
             if self.world.main:
                 write_json(os.path.join(out_dir, "config.json"), cfg.to_json())
+        self.tensorboard = None
+        if tensorboard and self.world.main:  # live scalars beside metrics.jsonl (engine/tensorboard.py)
+            from .tensorboard import TensorBoardSink
+            self.tensorboard = TensorBoardSink(os.path.join(out_dir, "tensorboard"),
+                                               purge_step=self.progress.global_epoch + 1 if resume else None)
+            self.metrics.listeners.append(self.tensorboard)
 
     def _newest_intact(self, unusable: str) -> str:
         """What to do when `unusable` cannot be resumed from: the newest other checkpoint that loads."""
@@ -100,8 +107,12 @@ class Trainer:
     def run(self) -> dict | None:
         """Run (or continue) all phases. Returns the final record, or None if stopped by `stop_after`. SIGTERM
         and SIGINT write `last.pt` at the next step boundary and raise `Stopped` (engine/stopping.py)."""
-        with StopRequest().installed() as stop:
-            return self.loop(stop)()
+        try:
+            with StopRequest().installed() as stop:
+                return self.loop(stop)()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
     def grow(self, kind: str) -> dict:
         """One growth event on the supernet now (the policy not asked): its event record."""
