@@ -124,3 +124,13 @@ class MetricsLog:
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
+
+
+def final_spec(state: dict, cfg):
+    """The derived network's spec in a checkpoint: stored since 2026-12-02; before, rebuilt from the supernet's
+    spec and the config (the optimize phase's stem stride and width), as `Run.build_final` built it."""
+    from .network import NetSpec, derived_spec
+    if state.get("final_spec") is not None:
+        return NetSpec.from_json(state["final_spec"])
+    return derived_spec(NetSpec.from_json(state["spec"]), cfg.optimize_stem_stride or None,
+                        cfg.optimize_channels or None)

@@ -5,7 +5,7 @@ import torch
 
 from .arch import Genotype
 from .build import build_architecture, load_data, resolve_device
-from .checkpoint import load_checkpoint
+from .checkpoint import final_spec, load_checkpoint
 from .config import Config
 from .data import make_loader, make_splits, train_augment
 from .errors import CheckpointError
@@ -26,7 +26,7 @@ def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", da
     try:
         spec = NetSpec.from_json(state["spec"])
         if state.get("final_net") is not None:
-            net = Network(spec, Genotype.from_json(state["final_genotype"], path)).to(dev)
+            net = Network(final_spec(state, cfg), Genotype.from_json(state["final_genotype"], path)).to(dev)
             net.load_state_dict(state["final_net"])
             steps, phase, which = Steps(net, torch.optim.SGD(net.parameters(), lr=0.0)), None, "derived network"
         else:

@@ -25,11 +25,11 @@ from torch import nn
 
 from .arch import Genotype
 from .build import load_data
-from .checkpoint import load_checkpoint
+from .checkpoint import final_spec, load_checkpoint
 from .config import Config
 from .data import make_loader, make_splits, train_augment
 from .errors import CheckpointError, ConfigError
-from .network import NetSpec, Network
+from .network import Network
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18   # chosen by measurement: README "Export"
@@ -75,7 +75,7 @@ def load_trained(run_dir: str):
                               f"train one with aso-se train --genotype {run_dir}/genotype.json")
     cfg = Config.from_json(state["config"], path)
     try:
-        net = Network(NetSpec.from_json(state["spec"]), Genotype.from_json(state["final_genotype"], path))
+        net = Network(final_spec(state, cfg), Genotype.from_json(state["final_genotype"], path))
         net.load_state_dict(state["final_net"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None

@@ -241,6 +241,15 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def derived_spec(spec: NetSpec, stem_stride: int | None = None, channels: int | None = None) -> NetSpec:
+    """The derived network's spec: the supernet's, at another stem stride and width when asked."""
+    if stem_stride is not None:
+        spec = dataclasses.replace(spec, stem_stride=stem_stride)
+    if channels is not None and channels != spec.cells[0].c:
+        spec = scale_spec(spec, channels)
+    return spec
+
+
 def derive(supernet: Network, genotype: Genotype, transfer: bool = True, stem_stride: int | None = None,
            open_gates: bool = True, channels: int | None = None) -> Network:
     """Build the derived network of `genotype` on the supernet's (possibly grown) spec. With `transfer`,
@@ -250,11 +259,9 @@ def derive(supernet: Network, genotype: Genotype, transfer: bool = True, stem_st
     `open_gates` resets the output scales of gated ops to 1 (see `_open_gates`); without it the derived
     network computes exactly what the supernet computes at the genotype. `channels` (fresh init only) trains
     the derived network at another width (`scale_spec`)."""
-    spec = supernet.spec if stem_stride is None else dataclasses.replace(supernet.spec, stem_stride=stem_stride)
-    if channels is not None and channels != spec.cells[0].c:
-        if transfer:
-            raise ValueError("a derived network of another width than the supernet cannot take its weights")
-        spec = scale_spec(spec, channels)
+    spec = derived_spec(supernet.spec, stem_stride, channels)
+    if transfer and spec.cells[0].c != supernet.spec.cells[0].c:
+        raise ValueError("a derived network of another width than the supernet cannot take its weights")
     net = Network(spec, genotype).to(next(supernet.parameters()).device)
     if not transfer:
         return net
@@ -293,4 +300,4 @@ def _open_gates(net: Network) -> None:
 
 
 __all__ = ["CELL_TYPES", "Cell", "CellSpec", "DerivedCell", "NetSpec", "Network", "SearchCell",
-           "count_parameters", "darts_spec", "derive", "edge_key", "scale_spec"]
+           "count_parameters", "darts_spec", "derive", "derived_spec", "edge_key", "scale_spec"]

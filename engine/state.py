@@ -75,7 +75,8 @@ def save_run(path: str, run: Run, progress: Progress, metrics_lines: int) -> Non
         "world_size": world.size, "rank_buffers": rank_buffers if world.active else None,
     }
     if run.final is not None:
-        state.update(final_genotype=run.final.net.genotype.to_json(), final_net=run.final.net.state_dict(),
+        state.update(final_genotype=run.final.net.genotype.to_json(), final_spec=run.final.net.spec.to_json(),
+                     final_net=run.final.net.state_dict(),
                      final_opt=run.final.opt.state_dict())
     save_checkpoint(state, path)
 

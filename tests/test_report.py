@@ -19,8 +19,9 @@ from engine.errors import CheckpointError, DataError
 from engine.report import CELL_TYPES, cell_dot, write_report
 from engine.trainer import Trainer
 
-# one epoch per phase, growth included (one event), flip TTA on so the export must fold it in
-SMOKE = ["steps_per_epoch=4", "optimize_epochs=1", "test_flip=true"]
+# one epoch per phase, growth included (one event), flip TTA on so the export must fold it in, and the derived
+# network trained wider than the supernet (as the main job does), so its spec is not the supernet's
+SMOKE = ["steps_per_epoch=4", "optimize_epochs=1", "test_flip=true", "optimize_init=fresh", "optimize_channels=6"]
 FIGURES = ["curves", "architecture", "sampling", "cell_normal", "cell_reduce"]
 
 
@@ -154,6 +155,14 @@ def test_the_exported_model_loads_without_aso_se_and_reproduces_the_run(smoke_ru
     for batch in ("1", "3", "256"):  # batch sizes other than the export's (2)
         assert outs[batch].shape == ref.shape
         assert float(np.abs(outs[batch] - ref).max()) <= 1e-4, batch
+
+
+def test_eval_of_the_final_checkpoint_gives_the_runs_test_accuracy(smoke_run):
+    from engine.evaluate import evaluate_checkpoint
+    final = json.loads((smoke_run / "final.json").read_text())
+    got = evaluate_checkpoint(str(smoke_run / "checkpoints" / "optimize.pt"))
+    assert got["model"] == "derived network" and got["params"] == final["params"]
+    assert got["accuracy"] == final["test_acc"]
 
 
 def test_export_of_an_unfinished_or_damaged_run_is_refused(smoke_run, tmp_path, capsys):
