@@ -102,9 +102,10 @@ def _phases(ax, epochs: list[dict], growth: list[dict], label: bool) -> None:
             spans.append([r["phase"], x, x])
     for phase, a, b in spans:
         ax.axvspan(a - 0.5, b + 0.5, color=PHASE_COLORS.get(phase, "#f4f4f4"), zorder=0, lw=0)
-        if label:
+        if label:   # narrow spans (one epoch, or half of one) get their name upright so neighbours never overlap
+            narrow = b - a < 2
             ax.text((a + b) / 2, 1.01, phase, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                    fontsize=8)
+                    fontsize=7 if narrow else 8, rotation=90 if narrow else 0)
     for g in growth:
         ax.axvline(g["global_epoch"] + 0.5, color="#5a5a5a", ls=":", lw=1)
         if label:
@@ -136,7 +137,9 @@ def curves(run: dict, out: str) -> list[str]:
     tau.plot(x, series("tau"), marker="o", ms=3, label="temperature", color="#d95f02")
     tau.set_ylabel("temperature")
     ent = tau.twinx()
-    ent.plot(x, series("mean_entropy"), marker="s", ms=3, label="mean entropy", color="#1b9e77")
+    # the op distribution is fixed once the genotype is derived: its entropy is drawn for the supernet phases only
+    entropy = [v if r["phase"] != "optimize" else float("nan") for v, r in zip(series("mean_entropy"), epochs)]
+    ent.plot(x, entropy, marker="s", ms=3, label="mean entropy", color="#1b9e77")
     ent.set_ylabel("mean entropy of the op distribution")
     for i, ax in enumerate(axes.flat):
         _phases(ax, epochs, growth, label=i < 2)
