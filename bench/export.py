@@ -19,21 +19,18 @@ from common import print_table, write_json  # the project root on sys.path
 from engine import export  # noqa: E402
 
 
-def measure(run_dir: str, fmt: str, opset: int | None, work: str) -> dict:
+def measure(run_dir: str, fmt: str, opset: int | None, work: str, x) -> dict:
+    """One format (and opset); `x`: the test images the file's throughput is timed on."""
     row = {"format": fmt, "opset": opset if fmt == "onnx" else "-"}
-    if opset is not None:
-        export.ONNX_OPSET = opset
     path = os.path.join(work, f"model-{fmt}-{opset}.{'pt' if fmt == 'torchscript' else 'onnx'}")
     t0 = time.perf_counter()
     try:
-        result = export.export_run(run_dir, fmt, path)
+        result = export.export_run(run_dir, fmt, path, **({} if opset is None else {"opset": opset}))
     except Exception as e:  # noqa: BLE001 - an opset the exporter rejects is a result
         return {**row, "error": str(e).splitlines()[0][:120]}
     row["export_s"] = round(time.perf_counter() - t0, 1)  # includes the check (test accuracy over the split)
     row.update(max_abs_diff=f"{result['max_abs_diff']:.2e}", test_acc=result["test_acc"],
                run_test_acc=result["run_test_acc"], file_kb=round(os.path.getsize(path) / 1024))
-    cfg, net, dataset, _ = export.load_trained(run_dir)
-    x, _ = export.engine_logits(cfg, net, dataset, 256)
     run = export.runner(path, fmt)
     run(x)
     t0, n = time.perf_counter(), 0
@@ -50,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opsets", default="17,18,20,23")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    cfg, net, dataset, _ = export.load_trained(args.run)
+    x, _ = export.engine_logits(cfg, net, dataset, 256)
     with tempfile.TemporaryDirectory() as work:
-        rows = [measure(args.run, "torchscript", None, work)]
-        rows += [measure(args.run, "onnx", int(o), work) for o in args.opsets.split(",")]
+        rows = [measure(args.run, "torchscript", None, work, x)]
+        rows += [measure(args.run, "onnx", int(o), work, x) for o in args.opsets.split(",")]
     cols = ["format", "opset", "export_s", "max_abs_diff", "test_acc", "run_test_acc", "file_kb", "img_s", "error"]
     print_table(rows, cols, title=f"export of {args.run}")
     if args.json:

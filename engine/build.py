@@ -177,8 +177,7 @@ class Run:
         """The optimize phase: the derived network (fresh or supernet-initialized), its optimizer, its steps,
         and its loader (`loaders["optimize"]`: train, or train+val)."""
         cfg = self.cfg
-        net = derive(self.supernet.net, genotype, transfer=cfg.optimize_init == "supernet",
-                     stem_stride=cfg.optimize_stem_stride or None, channels=cfg.optimize_channels or None)
+        net = derive(self.supernet.net, genotype, transfer=cfg.optimize_init == "supernet", **cfg.derived_shape())
         if self.world.active and cfg.sync_bn:
             net = distributed.sync_batchnorm(net, self.device)
         if self.channels_last:

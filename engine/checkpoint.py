@@ -132,5 +132,4 @@ def final_spec(state: dict, cfg):
     from .network import NetSpec, derived_spec
     if state.get("final_spec") is not None:
         return NetSpec.from_json(state["final_spec"])
-    return derived_spec(NetSpec.from_json(state["spec"]), cfg.optimize_stem_stride or None,
-                        cfg.optimize_channels or None)
+    return derived_spec(NetSpec.from_json(state["spec"]), **cfg.derived_shape())

@@ -143,6 +143,11 @@ class Config:
         out.validate()
         return out
 
+    def derived_shape(self) -> dict:
+        """The derived network's stem stride and width, as `network.derive` and `network.derived_spec` take them
+        (None: the supernet's)."""
+        return {"stem_stride": self.optimize_stem_stride or None, "channels": self.optimize_channels or None}
+
     def validate(self) -> None:
         def need(cond: bool, field_: str, why: str) -> None:
             if not cond:

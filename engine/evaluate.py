@@ -24,13 +24,12 @@ def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", da
     loader = make_loader(cfg.loader, x, y, cfg.eval_batch_size, train=False, augment=train_augment(dataset),
                          device=dev, seed=cfg.seed)
     try:
-        spec = NetSpec.from_json(state["spec"])
         if state.get("final_net") is not None:
             net = Network(final_spec(state, cfg), Genotype.from_json(state["final_genotype"], path)).to(dev)
             net.load_state_dict(state["final_net"])
             steps, phase, which = Steps(net, torch.optim.SGD(net.parameters(), lr=0.0)), None, "derived network"
         else:
-            net = Network(spec).to(dev)
+            net = Network(NetSpec.from_json(state["spec"])).to(dev)
             net.load_state_dict(state["supernet"])
             arch = build_architecture(cfg, dev)
             arch.load_state_dict(state["arch"])

@@ -93,8 +93,8 @@ def metadata(cfg: Config, dataset, final: dict, fmt: str) -> dict:
             "test_acc": final.get("test_acc"), "params": final.get("params"), "dataset": dataset.name}
 
 
-def export_run(run_dir: str, fmt: str = "torchscript", out: str | None = None) -> dict:
-    """Write the file and check it (see the module's docstring); returns what the CLI prints."""
+def export_run(run_dir: str, fmt: str = "torchscript", out: str | None = None, opset: int = ONNX_OPSET) -> dict:
+    """Write the file and check it (see the module's docstring); returns what the CLI prints. `opset`: ONNX only."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     cfg, net, dataset, final = load_trained(run_dir)
@@ -109,21 +109,20 @@ def export_run(run_dir: str, fmt: str = "torchscript", out: str | None = None) -
             traced = torch.jit.trace(model, example, check_trace=False)
             torch.jit.save(traced, tmp, _extra_files={"aso-se.json": json.dumps(meta)})
         else:
-            _onnx(model, example, tmp, meta)
+            _onnx(model, example, tmp, meta, opset)
     os.replace(tmp, out)
     return {"file": out, "format": fmt, **verify(out, fmt, cfg, net, dataset, final)}
 
 
-def _onnx(model: nn.Module, example: torch.Tensor, path: str, meta: dict) -> None:
+def _onnx(model: nn.Module, example: torch.Tensor, path: str, meta: dict, opset: int) -> None:
     import onnx
     batch = torch.export.Dim("batch", min=1)
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
-                                dynamic_shapes={"images": {0: batch}}, opset_version=ONNX_OPSET, verbose=False)
+                                dynamic_shapes={"images": {0: batch}}, opset_version=opset, verbose=False)
     program.save(path)
     proto = onnx.load(path)
-    for k, v in (("aso-se", json.dumps(meta)),):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "aso-se", json.dumps(meta)
     onnx.save(proto, path)
 
 
