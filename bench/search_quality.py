@@ -34,7 +34,7 @@ import numpy as np
 
 from common import print_table, write_json
 
-from engine.arch import Genotype
+from engine.arch import CELL_TYPES, Genotype
 from engine.cli import TRAIN_ONLY
 from engine.config import Config, preset
 from engine.errors import AsoseError
@@ -65,14 +65,26 @@ def _log(prefix: str):
 
 
 def search(cfg: Config, seed: int, work: str) -> dict:
-    """The genotype one search run of `cfg` finds: its warmup, search and growth phases, no optimize."""
+    """The genotype one search run of `cfg` finds (its warmup, search and growth phases, no optimize), with
+    the final architecture probabilities it was derived from (so other derivation rules need no new search)."""
     c = cfg.override([f"seed={seed}", "optimize_epochs=0"])
 
     def run(run_dir: str) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
-        final = Trainer(c, run_dir, log=_log(f"search seed {seed}")).run()
-        return {"seed": seed, "genotype": final["genotype"], "search_s": final["wall_s"]}
+        trainer = Trainer(c, run_dir, log=_log(f"search seed {seed}"))
+        final = trainer.run()
+        return {"seed": seed, "genotype": final["genotype"], "search_s": final["wall_s"],
+                "probabilities": {t: trainer.arch.probabilities(t).tolist() for t in CELL_TYPES}}
     return _cached(work, f"search-seed{seed}", _key(c.to_json()), run)
+
+
+def rederive(cfg: Config, found: dict, variant: list[str]) -> Genotype:
+    """The genotype a search record's final probabilities give under the derivation caps of `cfg` with the
+    `variant` overrides (e.g. ["max_param_free_reduce=2"])."""
+    c = cfg.override(variant)
+    cap = lambda v: None if v < 0 else v  # noqa: E731
+    return Genotype.from_probabilities(found["probabilities"], c.nodes, cap(c.max_skip), cap(c.max_skip_reduce),
+                                       cap(c.max_param_free), cap(c.max_param_free_reduce))
 
 
 def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str) -> dict:
@@ -126,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-seeds", default="0,1", help="comma-separated seeds of the search runs ('' for none)")
     p.add_argument("--genotype", action="append", default=[], metavar="FILE",
                    help="a searched genotype found elsewhere (genotype.json or final.json), repeatable")
+    p.add_argument("--derive", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="derive each search's genotype again from its final probabilities with these derivation "
+                        "caps (e.g. max_param_free_reduce=2): one more searched candidate per search, no new search")
     p.add_argument("--train-seeds", default="0", help="comma-separated training seeds, the same for every genotype")
     p.add_argument("--epochs", type=float, default=1.0, help="training epochs per genotype")
     p.add_argument("--work", default="runs/search-quality", help="where searches and trainings are kept")
@@ -158,6 +173,23 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [("search", seed) for seed in search_seeds]
         jobs += [("train", c, seed) for c in candidates for seed in train_seeds]
         jobs += [("train-searched", seed, ts) for seed in search_seeds for ts in train_seeds]
+        variants = [[kv for kv in v.split(",") if kv.strip()] for v in args.derive]
+        for v in variants:
+            searched_cfg.override(v)  # a wrong key or value fails here, before any work
+
+        def found_candidates(seed: int) -> list[tuple[str, str, Genotype, str]]:
+            """Search `seed`'s genotype, then its --derive variants: (name, kind, genotype, name it trains as,
+            which is an earlier one's when a variant derives the same genotype)."""
+            found = search(searched_cfg, seed, args.work)  # cached when this shard or another already ran it
+            out = [(f"search{seed}", "searched", Genotype.from_json(found["genotype"]), f"search{seed}")]
+            for v in variants:
+                if "probabilities" not in found:
+                    raise SystemExit(f"search_quality: the search record of seed {seed} in {args.work} predates "
+                                     f"--derive (no probabilities): delete search-seed{seed}-*.json there")
+                g = rederive(searched_cfg, found, v)
+                name = f"search{seed}+{','.join(v)}"
+                out.append((name, "searched", g, next((o[3] for o in out if o[2] == g), name)))
+            return out
         t0 = time.perf_counter()
         for i, job in enumerate(jobs):
             if i % shards != shard:
@@ -168,18 +200,18 @@ def main(argv: list[str] | None = None) -> int:
                 (name, _, g), seed = job[1], job[2]
                 train(recipe, name, g, seed, args.work)
             else:
-                found = search(searched_cfg, job[1], args.work)  # cached when this shard or another already ran it
-                train(recipe, f"search{job[1]}", Genotype.from_json(found["genotype"]), job[2], args.work)
+                for _, _, g, as_name in found_candidates(job[1]):
+                    train(recipe, as_name, g, job[2], args.work)
         if shards > 1:
             print(f"shard {shard}/{shards} done in {time.perf_counter() - t0:.0f}s; run again without --shard "
                   f"to collect the table")
             return 0
+        candidates = [(name, kind, g, name) for name, kind, g in candidates]
         for seed in search_seeds:
-            candidates.append((f"search{seed}", "searched",
-                               Genotype.from_json(search(searched_cfg, seed, args.work)["genotype"])))
+            candidates += found_candidates(seed)
         rows = []
-        for name, kind, g in candidates:
-            runs = [train(recipe, name, g, seed, args.work) for seed in train_seeds]
+        for name, kind, g, as_name in candidates:
+            runs = [train(recipe, as_name, g, seed, args.work) for seed in train_seeds]
             free = g.param_free_fraction()
             rows.append({"name": name, "kind": kind, "test_acc": statistics.fmean(r["test_acc"] for r in runs),
                          "params": runs[0]["params"], "train_s": sum(r["train_s"] for r in runs) / len(runs),
@@ -212,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "overrides": args.overrides, "search_set": args.search_set, "train_set": args.train_set,
         "epochs": args.epochs,
         "random": args.random, "random_seed": args.random_seed, "search_seeds": search_seeds,
-        "train_seeds": train_seeds, "genotype_files": args.genotype, "recipe": recipe.to_json(),
+        "train_seeds": train_seeds, "genotype_files": args.genotype, "derive": args.derive, "recipe": recipe.to_json(),
         "command": " ".join(["python", "bench/search_quality.py", *(argv if argv is not None else sys.argv[1:])])},
         summary=summary)
     return 0

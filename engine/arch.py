@@ -124,7 +124,7 @@ class Architecture(nn.Module):
     def __init__(self, nodes: int = 4, *, init_std: float = 0.5, none_init: float = -2.0, skip_init: float = 1.0,
                  hard: bool = True, skip_threshold: float = 0.0, dominant_threshold: float = 1.0,
                  keep_threshold: float = 1.0, max_skip: int | None = None, max_skip_reduce: int | None = None,
-                 max_param_free: int | None = None, seed: int = 0):
+                 max_param_free: int | None = None, max_param_free_reduce: int | None = None, seed: int = 0):
         super().__init__()
         self.nodes = nodes
         self.edges = num_edges(nodes)
@@ -133,6 +133,7 @@ class Architecture(nn.Module):
         self.max_skip = max_skip  # cap on skip_connect in the derived normal cell (None: no cap)
         self.max_skip_reduce = max_skip_reduce  # ... and in the derived reduction cell
         self.max_param_free = max_param_free  # cap on parameter-free ops (pools, skip) in the derived normal cell
+        self.max_param_free_reduce = max_param_free_reduce  # ... and in the derived reduction cell
         self.skip_threshold, self.dominant_threshold, self.keep_threshold = skip_threshold, dominant_threshold, keep_threshold
         g = torch.Generator().manual_seed(seed)
         self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(g)) for t in CELL_TYPES})
@@ -327,7 +328,7 @@ class Architecture(nn.Module):
         """The derived genotype: one host read (both cell types' probabilities), derived on the host."""
         rows = torch.stack([self.probabilities(t) for t in CELL_TYPES]).tolist()
         return Genotype.from_probabilities(dict(zip(CELL_TYPES, rows)), self.nodes, self.max_skip,
-                                           self.max_skip_reduce, self.max_param_free)
+                                           self.max_skip_reduce, self.max_param_free, self.max_param_free_reduce)
 
 
 # --------------------------------------------------------------------------------------- temperature
@@ -356,18 +357,20 @@ class Genotype:
     @classmethod
     def from_probabilities(cls, probs: dict[str, torch.Tensor], nodes: int = 4,
                            max_skip: int | None = None, max_skip_reduce: int | None = None,
-                           max_param_free: int | None = None) -> "Genotype":
+                           max_param_free: int | None = None,
+                           max_param_free_reduce: int | None = None) -> "Genotype":
         """The DARTS rule: for each node keep the two incoming edges whose best non-`none` weight is largest,
         and on each the best non-`none` op. `max_skip` caps skip_connect in the normal cell (P-DARTS): while
         there are more, the chosen skip with the smallest weight is ruled out on its edge and the cell is
         derived again, so that edge falls back to its best other op (or loses its place to another edge).
         `max_skip_reduce` does the same in the reduction cell. `max_param_free` caps the parameter-free ops
-        (pools and skip_connect) of the normal cell the same way: the weakest chosen one is ruled out first."""
+        (pools and skip_connect) of the normal cell the same way: the weakest chosen one is ruled out first;
+        `max_param_free_reduce` those of the reduction cell."""
         parsed = {}
         free = [PRIMITIVES.index(op) for op in PARAMETER_FREE if op != "none"]
         for t in CELL_TYPES:
             caps = [(max_skip if t == "normal" else max_skip_reduce, [SKIP]),
-                    (max_param_free if t == "normal" else None, free)]
+                    (max_param_free if t == "normal" else max_param_free_reduce, free)]
             rows = probs[t].tolist() if isinstance(probs[t], torch.Tensor) else probs[t]
             p = [[-1.0 if k == NONE else float(v) for k, v in enumerate(row)] for row in rows]
             best_op = lambda e: max(range(len(p[e])), key=p[e].__getitem__)  # noqa: E731 (first of ties)

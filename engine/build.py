@@ -98,6 +98,7 @@ def build_architecture(cfg: Config, device: torch.device | str = "cpu") -> Archi
                         keep_threshold=cfg.keep_threshold, max_skip=None if cfg.max_skip < 0 else cfg.max_skip,
                         max_skip_reduce=None if cfg.max_skip_reduce < 0 else cfg.max_skip_reduce,
                         max_param_free=None if cfg.max_param_free < 0 else cfg.max_param_free,
+                        max_param_free_reduce=None if cfg.max_param_free_reduce < 0 else cfg.max_param_free_reduce,
                         seed=cfg.seed).to(device)
 
 

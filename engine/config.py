@@ -53,6 +53,7 @@ class Config:
     max_skip: int = 2                     # skip_connects allowed in the derived normal cell (P-DARTS); -1: no cap
     max_skip_reduce: int = -1             # ... and in the derived reduction cell
     max_param_free: int = -1              # parameter-free ops (pools, skip) allowed in the derived normal cell
+    max_param_free_reduce: int = -1       # ... and in the derived reduction cell
     logit_noise: float = 0.0              # std of noise added to the logits at each phase change
     handover_bias: float = 5.0            # search starts sampling with this bias on skip_connect's logit ...
     handover_epochs: float = 1.0          # ... decaying linearly to 0 over these epochs (no collapse at the switch)
@@ -173,6 +174,7 @@ class Config:
         need(self.max_skip >= -1, "max_skip", "must be -1 (no cap) or a count")
         need(self.max_skip_reduce >= -1, "max_skip_reduce", "must be -1 (no cap) or a count")
         need(self.max_param_free >= -1, "max_param_free", "must be -1 (no cap) or a count")
+        need(self.max_param_free_reduce >= -1, "max_param_free_reduce", "must be -1 (no cap) or a count")
         for name in ("warmup_epochs", "search_epochs", "growth_epochs", "optimize_epochs"):
             need(getattr(self, name) >= 0, name, "a phase budget cannot be negative")
         for name in ("train_subset", "eval_samples", "steps_per_epoch", "grow_every", "grow_patience",

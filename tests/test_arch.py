@@ -231,7 +231,7 @@ def test_param_free_fraction():
     assert g.param_free_fraction() == {"normal": 3 / 8, "reduce": 1.0}
 
 
-def test_param_free_cap_in_the_normal_cell():
+def test_param_free_caps_in_each_cell_type():
     # pools and skips lead on every edge of both cells (max_pool strongest), convs come second
     probs = {}
     for t in CELL_TYPES:
@@ -263,6 +263,16 @@ def test_param_free_cap_in_the_normal_cell():
         for t in CELL_TYPES:
             arch.logits[t].copy_(probs[t].log())
     assert arch.genotype() == capped
+    # the reduction cell's cap acts on the reduction cell alone, by the same rule
+    reduce_only = Genotype.from_probabilities(probs, 4, max_param_free_reduce=3)
+    assert reduce_only.param_free_fraction() == {"normal": 1.0, "reduce": 3 / 8}
+    assert reduce_only.normal == uncapped.normal and reduce_only.reduce == capped.normal
+    arch = Architecture(max_param_free=3, max_param_free_reduce=1)
+    with torch.no_grad():
+        for t in CELL_TYPES:
+            arch.logits[t].copy_(probs[t].log())
+    g = arch.genotype()
+    assert g.normal == capped.normal and g.param_free_fraction()["reduce"] == 1 / 8
 
 
 def test_skip_caps_in_each_cell_type():

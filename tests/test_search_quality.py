@@ -47,10 +47,25 @@ def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, 
     def no_training(*a, **k):
         raise AssertionError("trained again although the result was kept in --work")
     monkeypatch.setattr(sq, "Trainer", no_training)
-    assert sq.main(["--quick", "--work", str(work), "--json", str(tmp_path / "again.json")]) == 0
+    # ... and a --derive rule that gives the search's own genotype trains nothing either: it is reported
+    # with the results of the genotype it equals
+    assert sq.main(["--quick", "--work", str(work), "--json", str(tmp_path / "again.json"),
+                    "--derive", "max_skip=2"]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
-    assert [r["test_acc"] for r in again["records"]] == [r["test_acc"] for r in rows]
+    assert [r["test_acc"] for r in again["records"]] == [r["test_acc"] for r in rows] + [searched["test_acc"]]
+    assert again["records"][-1]["name"] == "search0+max_skip=2"
+    assert again["records"][-1]["genotype"] == searched["genotype"]
     assert "rank" in capsys.readouterr().out
+
+    # the search record keeps the probabilities its genotype was derived from, so other rules need no search
+    [record] = [json.loads(p.read_text()) for p in work.glob("search-seed0-*.json")]
+    cfg = sq.preset("smoke")
+    assert sq.rederive(cfg, record, []) == sq.Genotype.from_json(record["genotype"])
+    none_free = sq.rederive(cfg, record, ["max_skip=0", "max_param_free=0", "max_param_free_reduce=0"])
+    assert none_free.param_free_fraction() == {"normal": 0.0, "reduce": 0.0}
+    capsys.readouterr()
+    assert sq.main(["--quick", "--work", str(work), "--derive", "max_param_free_reduce=-3"]) != 0
+    assert "max_param_free_reduce=-3" in capsys.readouterr().err  # a wrong rule is refused before any work
 
 
 def test_bad_shard_is_one_line(sq, tmp_path):
