@@ -82,9 +82,7 @@ def rederive(cfg: Config, found: dict, variant: list[str]) -> Genotype:
     """The genotype a search record's final probabilities give under the derivation caps of `cfg` with the
     `variant` overrides (e.g. ["max_param_free_reduce=2"])."""
     c = cfg.override(variant)
-    cap = lambda v: None if v < 0 else v  # noqa: E731
-    return Genotype.from_probabilities(found["probabilities"], c.nodes, cap(c.max_skip), cap(c.max_skip_reduce),
-                                       cap(c.max_param_free), cap(c.max_param_free_reduce))
+    return Genotype.from_probabilities(found["probabilities"], c.nodes, **c.derivation_caps())
 
 
 def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str) -> dict:

@@ -95,11 +95,7 @@ def build_architecture(cfg: Config, device: torch.device | str = "cpu") -> Archi
     """The architecture manager a config describes."""
     return Architecture(cfg.nodes, init_std=cfg.init_std, none_init=cfg.none_init, skip_init=cfg.skip_init,
                         hard=cfg.hard, skip_threshold=cfg.skip_threshold, dominant_threshold=cfg.dominant_threshold,
-                        keep_threshold=cfg.keep_threshold, max_skip=None if cfg.max_skip < 0 else cfg.max_skip,
-                        max_skip_reduce=None if cfg.max_skip_reduce < 0 else cfg.max_skip_reduce,
-                        max_param_free=None if cfg.max_param_free < 0 else cfg.max_param_free,
-                        max_param_free_reduce=None if cfg.max_param_free_reduce < 0 else cfg.max_param_free_reduce,
-                        seed=cfg.seed).to(device)
+                        keep_threshold=cfg.keep_threshold, **cfg.derivation_caps(), seed=cfg.seed).to(device)
 
 
 def make_loaders(cfg: Config, splits: dict, augment, device: torch.device,

@@ -144,6 +144,11 @@ class Config:
         out.validate()
         return out
 
+    def derivation_caps(self) -> dict:
+        """The caps of the genotype derivation (Genotype.from_probabilities' keywords): None where -1, no cap."""
+        caps = {k: getattr(self, k) for k in ("max_skip", "max_skip_reduce", "max_param_free", "max_param_free_reduce")}
+        return {k: None if v < 0 else v for k, v in caps.items()}
+
     def derived_shape(self) -> dict:
         """The derived network's stem stride and width, as `network.derive` and `network.derived_spec` take them
         (None: the supernet's)."""
