@@ -3,34 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as `python bench/x.py`
 
-
-def machine_info() -> dict:
-    import torch
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-            "cpu": _cpu_model(), "machine": platform.machine()}
-    for mod in ("triton", "nvidia.dali"):
-        try:
-            info[mod.split(".")[-1]] = __import__(mod, fromlist=["__version__"]).__version__
-        except ImportError:
-            info[mod.split(".")[-1]] = None
-    info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from engine.machine import machine_info  # noqa: E402  (the JSON files' header)
 
 
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:

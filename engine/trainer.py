@@ -10,6 +10,7 @@ Its attributes (net, arch, steps, loaders, final_net, ...) are views of the run 
 """
 from __future__ import annotations
 
+import json
 import os
 
 from .arch import PHASES, Genotype
@@ -18,6 +19,7 @@ from .checkpoint import MetricsLog, load_checkpoint, remove_stale_temporaries, w
 from .config import Config
 from .errors import CheckpointError, DamagedCheckpoint
 from .loop import PhaseLoop
+from .machine import machine_info, numerics_changes
 from .records import log_to_stdout
 from .state import Progress, restore_run
 from .stopping import CHECKPOINT_EVERY_S, StopRequest
@@ -73,17 +75,41 @@ class Trainer:
             at = f", step {p.step}" if p.step else ""
             self.log(f"resumed {out_dir} from {os.path.basename(path)} at {PHASES[min(p.phase_index, 3)]} epoch "
                      f"{p.epoch}{at} (global epoch {p.global_epoch})")
+            if self.world.main:
+                self._record_machine(resumed=True)
         else:
             self.progress = Progress()
             self.metrics.truncate(0)
             if self.world.main:
                 write_json(os.path.join(out_dir, "config.json"), cfg.to_json())
+                self._record_machine(resumed=False)
         self.tensorboard = None
         if tensorboard and self.world.main:  # live scalars beside metrics.jsonl (engine/tensorboard.py)
             from .tensorboard import TensorBoardSink
             self.tensorboard = TensorBoardSink(os.path.join(out_dir, "tensorboard"),
                                                purge_step=self.progress.global_epoch + 1 if resume else None)
             self.metrics.listeners.append(self.tensorboard)
+
+    def _record_machine(self, resumed: bool) -> None:
+        """machine.json: the machine the run started on (None: a run from before the record), then one entry per
+        resume; a resume on a machine whose numerics differ from the last one's (engine/machine.py) is said in
+        one line: the run goes on, but not bit for bit."""
+        path = os.path.join(self.out, "machine.json")
+        now = machine_info()
+        record = {"started": now, "resumed": []}
+        if resumed:
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                last = (record["resumed"] or [record["started"]])[-1] or {}
+            except (OSError, ValueError, KeyError, TypeError, IndexError):  # missing or unreadable: unknown start
+                record, last = {"started": None, "resumed": []}, {}
+            changes = numerics_changes(last, now)
+            if changes:
+                self.log(f"resumed on another kind of machine ({'; '.join(changes)}): the run goes on, but its "
+                         f"numbers will not equal an uninterrupted run's bit for bit")
+            record["resumed"].append(now)
+        write_json(path, record)
 
     def _newest_intact(self, unusable: str) -> str:
         """What to do when `unusable` cannot be resumed from: the newest other checkpoint that loads."""

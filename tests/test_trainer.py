@@ -118,6 +118,33 @@ def test_resume_rewinds_metrics_written_after_the_checkpoint(tmp_path):
     assert len(_metrics(out)) == 2
 
 
+def test_machine_record_says_when_a_resume_computes_on_another_kind_of_machine(tmp_path):
+    out, cfg = tmp_path / "run", preset("smoke")
+    _run(cfg, out, stop_after=1)
+    record = json.loads((out / "machine.json").read_text())
+    here = torch.backends.cpu.get_cpu_capability()
+    assert record["resumed"] == [] and record["started"]["cpu_capability"] == here
+    assert record["started"]["cpu_threads"] == torch.get_num_threads()
+
+    def resume() -> list[str]:
+        said = []
+        Trainer(cfg, str(out), resume=True, log=said.append, stop_after=0)
+        return [m for m in said if "another kind of machine" in m]
+    assert resume() == []  # the same machine: nothing to say
+    record = json.loads((out / "machine.json").read_text())
+    assert len(record["resumed"]) == 1
+    other = "AVX2" if here != "AVX2" else "AVX512"
+    record["resumed"][0]["cpu_capability"] = other  # the last resume ran on another CPU
+    (out / "machine.json").write_text(json.dumps(record))
+    [line] = resume()
+    assert f"cpu_capability: {other} -> {here}" in line and "bit for bit" in line
+    assert len(json.loads((out / "machine.json").read_text())["resumed"]) == 2
+    (out / "machine.json").unlink()  # a run from before the record: its start is unknown, nothing compared
+    assert resume() == []
+    record = json.loads((out / "machine.json").read_text())
+    assert record["started"] is None and len(record["resumed"]) == 1
+
+
 def test_damaged_checkpoint_stops_with_one_line_and_loses_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     _run(preset("smoke"), out, stop_after=2)
