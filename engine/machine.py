@@ -8,6 +8,7 @@ in one line when a resume computes on another kind of machine (NUMERICS).
 """
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 
 import torch
@@ -31,13 +32,23 @@ def machine_info() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
             "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "machine": platform.machine()}
-    for mod in ("triton", "nvidia.dali"):
-        try:
-            info[mod.split(".")[-1]] = __import__(mod, fromlist=["__version__"]).__version__
-        except ImportError:
-            info[mod.split(".")[-1]] = None
+    try:
+        import triton  # already loaded with kernels/
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    info["dali"] = _installed_version("nvidia-dali")  # from its metadata: importing DALI costs half a second
     info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return info
+
+
+def _installed_version(prefix: str) -> str | None:
+    """The version of the installed distribution whose name starts with `prefix` (DALI's carries its CUDA
+    major: nvidia-dali-cuda120), None when there is none."""
+    for dist in importlib.metadata.distributions():
+        if (dist.metadata["Name"] or "").lower().startswith(prefix):
+            return dist.version
+    return None
 
 
 def numerics_changes(before: dict, now: dict) -> list[str]:
