@@ -96,19 +96,22 @@ class Trainer:
         one line: the run goes on, but not bit for bit."""
         path = os.path.join(self.out, "machine.json")
         now = machine_info()
-        record = {"started": now, "resumed": []}
-        if resumed:
-            try:
-                with open(path) as f:
-                    record = json.load(f)
-                last = (record["resumed"] or [record["started"]])[-1] or {}
-            except (OSError, ValueError, KeyError, TypeError, IndexError):  # missing or unreadable: unknown start
-                record, last = {"started": None, "resumed": []}, {}
-            changes = numerics_changes(last, now)
-            if changes:
-                self.log(f"resumed on another kind of machine ({'; '.join(changes)}): the run goes on, but its "
-                         f"numbers will not equal an uninterrupted run's bit for bit")
+        if not resumed:
+            write_json(path, {"started": now, "resumed": []})
+            return
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            last = (record["resumed"] or [record["started"]])[-1] or {}
+            if not isinstance(last, dict):
+                raise TypeError(last)
             record["resumed"].append(now)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):  # missing or unreadable
+            record, last = {"started": None, "resumed": [now]}, {}
+        changes = numerics_changes(last, now)
+        if changes:
+            self.log(f"resumed on another kind of machine ({'; '.join(changes)}): the run goes on, but its "
+                     f"numbers will not equal an uninterrupted run's bit for bit")
         write_json(path, record)
 
     def _newest_intact(self, unusable: str) -> str:

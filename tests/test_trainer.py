@@ -143,6 +143,10 @@ def test_machine_record_says_when_a_resume_computes_on_another_kind_of_machine(t
     assert resume() == []
     record = json.loads((out / "machine.json").read_text())
     assert record["started"] is None and len(record["resumed"]) == 1
+    (out / "machine.json").write_text('{"started": null, "resumed": "damaged"}')  # unreadable: the same
+    assert resume() == []
+    record = json.loads((out / "machine.json").read_text())
+    assert record["started"] is None and record["resumed"][0]["cpu_capability"] == here
 
 
 def test_damaged_checkpoint_stops_with_one_line_and_loses_nothing(tmp_path, capsys):
