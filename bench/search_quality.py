@@ -16,8 +16,10 @@ train time; then the random mean +- sd, each searched genotype's rank among the 
 all of them) and its relative improvement RI = 100 x (acc_searched - mean_random) / mean_random.
 
 Every finished search and training is kept in --work as one JSON file keyed by its full config, so an
-interrupted protocol continues where it stopped, and `--shard K/N` splits the work between processes (run
-the shards, then once without --shard to collect the table).
+interrupted protocol continues where it stopped. `--shard K/N` runs N processes on one --work: each claims
+the next search or training no other live process holds (a .claim file beside the record; a killed process's
+claim is taken over), so the shards balance however much of the work is cached. Run the shards side by side,
+then once without --shard to collect the table (it waits for work a shard still holds).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import sys
 import time
@@ -47,24 +50,89 @@ def _key(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _cached(work: str, name: str, key: str, compute) -> dict:
-    """The record stored under work/<name>-<key>.json, computed (and stored atomically) when missing."""
+POLL_S = 10.0  # how often a process waiting for another one's search or training looks for its record
+
+
+class Busy(Exception):
+    """The record is being computed by another live process (its claim file names it)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _claim(path: str) -> str | None:
+    """Take `path`.claim for this process: None when taken, else who holds it ("host pid"). A claim of a
+    process that no longer runs on this host (a killed shard) is taken over; one from another host is not."""
+    claim, me = path + ".claim", f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(claim) as f:
+                    holder = f.read().strip()
+            except FileNotFoundError:  # released just now: try again
+                continue
+            host, _, pid = holder.partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                try:
+                    os.unlink(claim)  # stale
+                except FileNotFoundError:
+                    pass
+                continue
+            return holder or "a process still writing its claim"
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return None
+    return "another process (its claim keeps changing)"
+
+
+def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict:
+    """The record stored under work/<name>-<key>.json, computed (and stored atomically) when missing. Before
+    computing, the process claims the record (work/<name>-<key>.json.claim), so processes sharing --work never
+    compute one record twice; when another live process holds the claim, busy="skip" raises Busy and
+    busy="wait" waits for that process's record."""
     path = os.path.join(work, f"{name}-{key}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    record = compute(os.path.join(work, f"{name}-{key}"))
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return record
+    said = False
+    while True:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        holder = _claim(path)
+        if holder is None:
+            break
+        if busy == "skip":
+            raise Busy(holder)
+        if not said:
+            print(f"search_quality: waiting for {name}, which {holder} is computing (its claim: {path}.claim)",
+                  flush=True)
+            said = True
+        time.sleep(POLL_S)
+    try:
+        if os.path.exists(path):  # finished by another process between the look and the claim
+            with open(path) as f:
+                return json.load(f)
+        record = compute(os.path.join(work, f"{name}-{key}"))
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return record
+    finally:
+        os.unlink(path + ".claim")
 
 
 def _log(prefix: str):
     return lambda msg: print(f"[{prefix}] {msg}", flush=True)
 
 
-def search(cfg: Config, seed: int, work: str) -> dict:
+def search(cfg: Config, seed: int, work: str, busy: str = "wait") -> dict:
     """The genotype one search run of `cfg` finds (its warmup, search and growth phases, no optimize), with
     the final architecture probabilities it was derived from (so other derivation rules need no new search)."""
     c = cfg.override([f"seed={seed}", "optimize_epochs=0"])
@@ -75,7 +143,7 @@ def search(cfg: Config, seed: int, work: str) -> dict:
         final = trainer.run()
         return {"seed": seed, "genotype": final["genotype"], "search_s": final["wall_s"],
                 "probabilities": {t: trainer.arch.probabilities(t).tolist() for t in CELL_TYPES}}
-    return _cached(work, f"search-seed{seed}", _key(c.to_json()), run)
+    return _cached(work, f"search-seed{seed}", _key(c.to_json()), run, busy)
 
 
 def rederive(cfg: Config, found: dict, variant: list[str]) -> Genotype:
@@ -85,7 +153,7 @@ def rederive(cfg: Config, found: dict, variant: list[str]) -> Genotype:
     return Genotype.from_probabilities(found["probabilities"], c.nodes, **c.derivation_caps())
 
 
-def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str) -> dict:
+def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str, busy: str = "wait") -> dict:
     """Test accuracy of `genotype` trained from a fresh init with the recipe `cfg` and training seed `seed`."""
     c = cfg.override([f"seed={seed}"])
 
@@ -93,7 +161,7 @@ def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str) -> d
         shutil.rmtree(run_dir, ignore_errors=True)
         final = Trainer(c, run_dir, genotype=genotype, log=_log(f"{name} seed {seed}")).run()
         return {"test_acc": final["test_acc"], "params": final["params"], "train_s": final["wall_s"]}
-    return _cached(work, f"train-{name}-seed{seed}", _key(c.to_json(), genotype.to_json()), run)
+    return _cached(work, f"train-{name}-seed{seed}", _key(c.to_json(), genotype.to_json()), run, busy)
 
 
 def summarize(random_accs: list[float], searched: dict[str, float]) -> dict:
@@ -142,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-seeds", default="0", help="comma-separated training seeds, the same for every genotype")
     p.add_argument("--epochs", type=float, default=1.0, help="training epochs per genotype")
     p.add_argument("--work", default="runs/search-quality", help="where searches and trainings are kept")
-    p.add_argument("--shard", default=None, help="K/N: do only every N-th piece of work, starting at K")
+    p.add_argument("--shard", default=None,
+                   help="K/N: this is process K of N sharing --work: it does every piece of work no other process "
+                        "holds, then stops without the table")
     p.add_argument("--quick", action="store_true", help="synthetic data and a tiny network (the test suite's run)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
@@ -167,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                                Genotype.load(path)))
         os.makedirs(args.work, exist_ok=True)
 
-        # one list of work, so shards split searches and trainings alike
+        # one list of work, searches first, so shards share searches and trainings alike
         jobs = [("search", seed) for seed in search_seeds]
         jobs += [("train", c, seed) for c in candidates for seed in train_seeds]
         jobs += [("train-searched", seed, ts) for seed in search_seeds for ts in train_seeds]
@@ -188,18 +258,25 @@ def main(argv: list[str] | None = None) -> int:
                 name = f"search{seed}+{','.join(v)}"
                 out.append((name, "searched", g, next((o[3] for o in out if o[2] == g), name)))
             return out
+
+        def unless_busy(fn, *a) -> None:
+            try:
+                fn(*a, busy="skip")
+            except Busy:
+                pass
+        # each shard takes every piece of work that no other process holds (claim files in --work), so shards
+        # balance however much of the work is already done; a training of a search that another shard is still
+        # running waits for it
         t0 = time.perf_counter()
-        for i, job in enumerate(jobs):
-            if i % shards != shard:
-                continue
+        for job in jobs if shards > 1 else []:
             if job[0] == "search":
-                search(searched_cfg, job[1], args.work)
+                unless_busy(search, searched_cfg, job[1], args.work)
             elif job[0] == "train":
                 (name, _, g), seed = job[1], job[2]
-                train(recipe, name, g, seed, args.work)
+                unless_busy(train, recipe, name, g, seed, args.work)
             else:
                 for _, _, g, as_name in found_candidates(job[1]):
-                    train(recipe, as_name, g, job[2], args.work)
+                    unless_busy(train, recipe, as_name, g, job[2], args.work)
         if shards > 1:
             print(f"shard {shard}/{shards} done in {time.perf_counter() - t0:.0f}s; run again without --shard "
                   f"to collect the table")

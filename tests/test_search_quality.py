@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -28,6 +32,15 @@ def test_summary_statistics(sq):
 @pytest.mark.slow
 def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, tmp_path, monkeypatch, capsys):
     work, out = tmp_path / "work", tmp_path / "sq.json"
+    # a shard with no other process on its --work does all the work (shards claim work, they do not split it
+    # by position) and leaves no claim behind ...
+    assert sq.main(["--quick", "--work", str(work), "--shard", "1/2"]) == 0
+    assert not list(work.glob("*.claim")) and len(list(work.glob("train-*.json"))) == 4
+
+    # ... so collecting the table finds every search and training in --work and trains nothing again
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the result was kept in --work")
+    monkeypatch.setattr(sq, "Trainer", no_training)
     assert sq.main(["--quick", "--work", str(work), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["records"]
@@ -43,11 +56,7 @@ def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, 
     assert data["protocol"]["recipe"]["optimize_init"] == "fresh"
     assert data["protocol"]["recipe"]["warmup_epochs"] == 0 and data["protocol"]["recipe"]["search_epochs"] == 0
 
-    # a second run finds every search and training in --work and trains nothing again
-    def no_training(*a, **k):
-        raise AssertionError("trained again although the result was kept in --work")
-    monkeypatch.setattr(sq, "Trainer", no_training)
-    # ... and a --derive rule that gives the search's own genotype trains nothing either: it is reported
+    # a --derive rule that gives the search's own genotype trains nothing either: it is reported
     # with the results of the genotype it equals
     assert sq.main(["--quick", "--work", str(work), "--json", str(tmp_path / "again.json"),
                     "--derive", "max_skip=2"]) == 0
@@ -71,3 +80,44 @@ def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, 
 def test_bad_shard_is_one_line(sq, tmp_path):
     with pytest.raises(SystemExit, match="--shard"):
         sq.main(["--quick", "--work", str(tmp_path), "--shard", "2/2"])
+
+
+def test_work_is_claimed_so_processes_sharing_it_never_compute_a_record_twice(sq, tmp_path, monkeypatch):
+    work, computed = str(tmp_path), []
+
+    def compute(run_dir):
+        computed.append(os.path.basename(run_dir))
+        return {"v": len(computed)}
+
+    def claim(name, holder):
+        (tmp_path / f"{name}-k.json.claim").write_text(holder)
+
+    def finish(name, record):  # what the other process does when its training ends
+        (tmp_path / f"{name}-k.json.tmp").write_text(json.dumps(record))
+        os.replace(tmp_path / f"{name}-k.json.tmp", tmp_path / f"{name}-k.json")
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim("train-a-seed0", f"{socket.gethostname()} {other.pid}")
+        with pytest.raises(sq.Busy, match=str(other.pid)):  # a shard skips it
+            sq._cached(work, "train-a-seed0", "k", compute, busy="skip")
+        monkeypatch.setattr(sq, "POLL_S", 0.01)
+        threading.Timer(0.2, finish, ("train-a-seed0", {"v": 7})).start()
+        assert sq._cached(work, "train-a-seed0", "k", compute) == {"v": 7}  # collecting waits for its record
+        assert computed == []
+    finally:
+        other.kill()
+        other.wait()
+    claim("train-b-seed0", f"{socket.gethostname()} {other.pid}")  # a claim of a killed shard is taken over
+    assert sq._cached(work, "train-b-seed0", "k", compute, busy="skip") == {"v": 1}
+    assert computed == ["train-b-seed0-k"] and not (tmp_path / "train-b-seed0-k.json.claim").exists()
+    assert json.loads((tmp_path / "train-b-seed0-k.json").read_text()) == {"v": 1}
+    claim("train-c-seed0", "another-host 1")  # a process on another host sharing --work: not ours to judge
+    with pytest.raises(sq.Busy, match="another-host"):
+        sq._cached(work, "train-c-seed0", "k", compute, busy="skip")
+
+    def fails(run_dir):
+        raise RuntimeError("stopped")
+    with pytest.raises(RuntimeError):
+        sq._cached(work, "train-d-seed0", "k", fails)
+    assert not list(tmp_path.glob("train-d-*"))  # a failed training leaves neither a record nor its claim
