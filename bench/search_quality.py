@@ -94,6 +94,13 @@ def _claim(path: str) -> str | None:
     return "another process (its claim keeps changing)"
 
 
+def _stored(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict:
     """The record stored under work/<name>-<key>.json, computed (and stored atomically) when missing. Before
     computing, the process claims the record (work/<name>-<key>.json.claim), so processes sharing --work never
@@ -102,9 +109,9 @@ def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict
     path = os.path.join(work, f"{name}-{key}.json")
     said = False
     while True:
-        if os.path.exists(path):
-            with open(path) as f:
-                return json.load(f)
+        record = _stored(path)
+        if record is not None:
+            return record
         holder = _claim(path)
         if holder is None:
             break
@@ -116,9 +123,9 @@ def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict
             said = True
         time.sleep(POLL_S)
     try:
-        if os.path.exists(path):  # finished by another process between the look and the claim
-            with open(path) as f:
-                return json.load(f)
+        record = _stored(path)  # finished by another process between the look and the claim
+        if record is not None:
+            return record
         record = compute(os.path.join(work, f"{name}-{key}"))
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=1)
@@ -264,11 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                 fn(*a, busy="skip")
             except Busy:
                 pass
-        # each shard takes every piece of work that no other process holds (claim files in --work), so shards
+        # every process takes each piece of work that no other one holds (claim files in --work), so shards
         # balance however much of the work is already done; a training of a search that another shard is still
-        # running waits for it
+        # running waits for it, and collecting the table below waits for what the shards still hold
         t0 = time.perf_counter()
-        for job in jobs if shards > 1 else []:
+        for job in jobs:
             if job[0] == "search":
                 unless_busy(search, searched_cfg, job[1], args.work)
             elif job[0] == "train":
