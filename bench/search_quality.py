@@ -19,7 +19,9 @@ Every finished search and training is kept in --work as one JSON file keyed by i
 interrupted protocol continues where it stopped. `--shard K/N` runs N processes on one --work: each claims
 the next search or training no other live process holds (a .claim file beside the record; a killed process's
 claim is taken over), so the shards balance however much of the work is cached. Run the shards side by side,
-then once without --shard to collect the table (it waits for work a shard still holds).
+then once without --shard to collect the table (it waits for work a shard still holds). `--import FILE` enters
+the trainings of an earlier run's --json file into --work (when its recipe is this run's), so a recorded
+protocol gains training seeds on a machine without its --work.
 """
 from __future__ import annotations
 
@@ -171,6 +173,47 @@ def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str, busy
     return _cached(work, f"train-{name}-seed{seed}", _key(c.to_json(), genotype.to_json()), run, busy)
 
 
+def read_results(path: str, recipe: Config) -> list[tuple[dict, list[int]]]:
+    """The rows of an earlier run's results file (`--json`) with its training seeds, checked to be trained with
+    `recipe`."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        theirs, rows, seeds = data["protocol"]["recipe"], data["records"], data["protocol"]["train_seeds"]
+        rows = [(dict(r, genotype_json=Genotype.from_json(r["genotype_json"], path)), seeds) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError, AsoseError) as e:
+        raise AsoseError(f"--import {path}: not a search_quality results file ({e.__class__.__name__}: {e}); "
+                         f"pass a file that search_quality --json wrote") from None
+    ours = json.loads(json.dumps(recipe.to_json()))
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise AsoseError(f"--import {path}: its recipe differs from this run's in {', '.join(diff)}; import a "
+                         f"file of the same --preset, --set, --train-set and --epochs")
+    return [(dict(r, source=path), seeds) for r, seeds in rows]
+
+
+def enter_imported(imported: list[tuple[dict, list[int]]], recipe: Config, name: str, genotype: Genotype,
+                   work: str) -> int:
+    """Store the imported trainings of `genotype` in `work` under the keys `train` looks up for `name`;
+    returns how many were new. A file before per_seed_train_s gives every seed its mean time."""
+    new = 0
+    for row, seeds in imported:
+        if row["genotype_json"] != genotype:
+            continue
+        times = row.get("per_seed_train_s") or [row["train_s"]] * len(seeds)
+        for seed, acc, train_s in zip(seeds, row["per_seed"], times):
+            c = recipe.override([f"seed={seed}"])
+            target = os.path.join(work, f"train-{name}-seed{seed}-{_key(c.to_json(), genotype.to_json())}.json")
+            if os.path.exists(target):
+                continue
+            record = {"test_acc": acc, "params": row["params"], "train_s": train_s, "imported_from": row["source"]}
+            with open(target + ".tmp", "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(target + ".tmp", target)
+            new += 1
+    return new
+
+
 def summarize(random_accs: list[float], searched: dict[str, float]) -> dict:
     """Random mean and sample sd; per searched genotype its rank among the random ones, its gap in random sds
     and its relative improvement over the random mean (Yang et al. 2020)."""
@@ -222,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                         "holds, then stops without the table")
     p.add_argument("--quick", action="store_true", help="synthetic data and a tiny network (the test suite's run)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
+                   help="an earlier run's --json file: its trainings enter --work as finished, when its recipe is "
+                        "this run's, so more --train-seeds extend it without its --work")
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -243,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
             candidates.append((name if basenames.count(basenames[i]) == 1 else f"{name}{i}", "searched",
                                Genotype.load(path)))
         os.makedirs(args.work, exist_ok=True)
+        imported = [row for path in args.imports for row in read_results(path, recipe)]
+        n = sum(enter_imported(imported, recipe, name, g, args.work) for name, _, g in candidates)
+        if args.imports:
+            print(f"search_quality: {n} training(s) of {', '.join(args.imports)} entered {args.work}")
 
         # one list of work, searches first, so shards share searches and trainings alike
         jobs = [("search", seed) for seed in search_seeds]
@@ -264,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 g = rederive(searched_cfg, found, v)
                 name = f"search{seed}+{','.join(v)}"
                 out.append((name, "searched", g, next((o[3] for o in out if o[2] == g), name)))
+            for _, _, g, as_name in out:
+                enter_imported(imported, recipe, as_name, g, args.work)
             return out
 
         def unless_busy(fn, *a) -> None:
@@ -298,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": name, "kind": kind, "test_acc": statistics.fmean(r["test_acc"] for r in runs),
                          "params": runs[0]["params"], "train_s": sum(r["train_s"] for r in runs) / len(runs),
                          "param_free_normal": free["normal"], "param_free_reduce": free["reduce"],
-                         "per_seed": [r["test_acc"] for r in runs], "genotype": str(g), "genotype_json": g.to_json()})
+                         "per_seed": [r["test_acc"] for r in runs],
+                         "per_seed_train_s": [r["train_s"] for r in runs], "genotype": str(g), "genotype_json": g.to_json()})
     except AsoseError as e:
         print(f"search_quality: error: {e}", file=sys.stderr)
         return e.exit_code

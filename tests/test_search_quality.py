@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,6 +56,24 @@ def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, 
     assert summary["searched"]["search0"]["rank"] == 1 + sum(a > searched["test_acc"] for a in accs)
     assert data["protocol"]["recipe"]["optimize_init"] == "fresh"
     assert data["protocol"]["recipe"]["warmup_epochs"] == 0 and data["protocol"]["recipe"]["search_epochs"] == 0
+
+    # the results file extends to more training seeds without its --work: --import enters its trainings as
+    # finished ones, so a fresh --work that holds only the search record trains nothing
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    [search_record] = work.glob("search-seed0-*.json")
+    shutil.copy(search_record, fresh)
+    assert sq.main(["--quick", "--work", str(fresh), "--import", str(out), "--json", str(tmp_path / "imported.json")]) == 0
+    imported = json.loads((tmp_path / "imported.json").read_text())["records"]
+    assert [r["per_seed"] for r in imported] == [r["per_seed"] for r in rows]
+    assert [r["per_seed_train_s"] for r in imported] == [r["per_seed_train_s"] for r in rows]
+    assert len(list(fresh.glob("train-*.json"))) == 4
+    # ... and a file of another recipe is refused in one line that names what differs
+    capsys.readouterr()
+    assert sq.main(["--quick", "--work", str(tmp_path / "other"), "--set", "batch_size=16", "--import", str(out)]) != 0
+    assert "batch_size" in capsys.readouterr().err
+    assert sq.main(["--quick", "--work", str(tmp_path / "other"), "--import", str(work / "nothing.json")]) != 0
+    assert "not a search_quality results file" in capsys.readouterr().err
 
     # a --derive rule that gives the search's own genotype trains nothing either: it is reported
     # with the results of the genotype it equals
