@@ -23,8 +23,10 @@ run: install data
 	  $(PY) -m engine.cli search --preset $(PRESET) --out $$out; \
 	fi && echo "report: $$($(PY) -m engine.cli report $$out)"
 
+# One pytest worker per core (pytest-xdist), each with its share of the threads.
+TEST_WORKERS ?= auto
 test: install data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 install: $(STAMP)
 

@@ -25,7 +25,8 @@ setup(
     extras_require={
         "export": EXPORT,
         "tensorboard": TENSORBOARD,
-        "test": ["pytest", *EXPORT, *TENSORBOARD],  # the suite checks the export round trips and the scalars
+        "test": ["pytest", "pytest-xdist", *EXPORT, *TENSORBOARD],  # export round trips and scalars are tested; make
+        # test runs one pytest worker per core
     },
     entry_points={"console_scripts": ["aso-se = engine.cli:main"]},
 )

@@ -18,7 +18,14 @@ if not torch.cuda.is_available():
 
 from engine.data import FASHION_MNIST_DIR  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# `make test` runs one pytest-xdist worker per core: each worker (and what it starts) gets its share of the
+# cores, one thread each on this project's 2-core machine, instead of two workers fighting over both; a plain
+# `pytest` keeps at most two threads
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, (os.cpu_count() or 1) // _WORKERS) if _WORKERS > 1 else min(2, torch.get_num_threads())
+torch.set_num_threads(_THREADS)
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 
 # fields of metrics.jsonl and final.json that hold wall-clock figures: a resumed run equals an uninterrupted one
