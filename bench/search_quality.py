@@ -103,6 +103,12 @@ def _stored(path: str) -> dict | None:
         return json.load(f)
 
 
+def _store(path: str, record: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)  # a reader never sees half a record
+
+
 def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict:
     """The record stored under work/<name>-<key>.json, computed (and stored atomically) when missing. Before
     computing, the process claims the record (work/<name>-<key>.json.claim), so processes sharing --work never
@@ -129,9 +135,7 @@ def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict
         if record is not None:
             return record
         record = compute(os.path.join(work, f"{name}-{key}"))
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(path + ".tmp", path)
+        _store(path, record)
         return record
     finally:
         os.unlink(path + ".claim")
@@ -170,17 +174,23 @@ def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str, busy
         shutil.rmtree(run_dir, ignore_errors=True)
         final = Trainer(c, run_dir, genotype=genotype, log=_log(f"{name} seed {seed}")).run()
         return {"test_acc": final["test_acc"], "params": final["params"], "train_s": final["wall_s"]}
-    return _cached(work, f"train-{name}-seed{seed}", _key(c.to_json(), genotype.to_json()), run, busy)
+    return _cached(work, *_train_record(cfg, name, genotype, seed), run, busy)
 
 
-def read_results(path: str, recipe: Config) -> list[tuple[dict, list[int]]]:
-    """The rows of an earlier run's results file (`--json`) with its training seeds, checked to be trained with
-    `recipe`."""
+def _train_record(cfg: Config, name: str, genotype: Genotype, seed: int) -> tuple[str, str]:
+    """The name and key that `train` keeps a training's record under in --work."""
+    return f"train-{name}-seed{seed}", _key(cfg.override([f"seed={seed}"]).to_json(), genotype.to_json())
+
+
+def read_results(path: str, recipe: Config) -> list[dict]:
+    """The rows of an earlier run's results file (`--json`), each with its genotype, training seeds and source,
+    checked to be trained with `recipe`."""
     try:
         with open(path) as f:
             data = json.load(f)
-        theirs, rows, seeds = data["protocol"]["recipe"], data["records"], data["protocol"]["train_seeds"]
-        rows = [(dict(r, genotype_json=Genotype.from_json(r["genotype_json"], path)), seeds) for r in rows]
+        theirs, seeds = data["protocol"]["recipe"], data["protocol"]["train_seeds"]
+        rows = [dict(r, genotype=Genotype.from_json(r["genotype_json"], path), seeds=seeds, source=path)
+                for r in data["records"]]
     except (OSError, ValueError, KeyError, TypeError, AsoseError) as e:
         raise AsoseError(f"--import {path}: not a search_quality results file ({e.__class__.__name__}: {e}); "
                          f"pass a file that search_quality --json wrote") from None
@@ -189,28 +199,22 @@ def read_results(path: str, recipe: Config) -> list[tuple[dict, list[int]]]:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise AsoseError(f"--import {path}: its recipe differs from this run's in {', '.join(diff)}; import a "
                          f"file of the same --preset, --set, --train-set and --epochs")
-    return [(dict(r, source=path), seeds) for r, seeds in rows]
+    return rows
 
 
-def enter_imported(imported: list[tuple[dict, list[int]]], recipe: Config, name: str, genotype: Genotype,
-                   work: str) -> int:
-    """Store the imported trainings of `genotype` in `work` under the keys `train` looks up for `name`;
-    returns how many were new. A file before per_seed_train_s gives every seed its mean time."""
+def enter_imported(imported: list[dict], recipe: Config, name: str, genotype: Genotype, work: str) -> int:
+    """Store the imported trainings of `genotype` in `work` where `train` looks them up for `name`; returns how
+    many were new. A file before per_seed_train_s gives every seed its mean time."""
     new = 0
-    for row, seeds in imported:
-        if row["genotype_json"] != genotype:
-            continue
-        times = row.get("per_seed_train_s") or [row["train_s"]] * len(seeds)
-        for seed, acc, train_s in zip(seeds, row["per_seed"], times):
-            c = recipe.override([f"seed={seed}"])
-            target = os.path.join(work, f"train-{name}-seed{seed}-{_key(c.to_json(), genotype.to_json())}.json")
-            if os.path.exists(target):
-                continue
-            record = {"test_acc": acc, "params": row["params"], "train_s": train_s, "imported_from": row["source"]}
-            with open(target + ".tmp", "w") as f:
-                json.dump(record, f, indent=1)
-            os.replace(target + ".tmp", target)
-            new += 1
+    for row in (r for r in imported if r["genotype"] == genotype):
+        times = row.get("per_seed_train_s") or [row["train_s"]] * len(row["seeds"])
+        for seed, acc, train_s in zip(row["seeds"], row["per_seed"], times):
+            record_name, key = _train_record(recipe, name, genotype, seed)
+            path = os.path.join(work, f"{record_name}-{key}.json")
+            if not os.path.exists(path):
+                _store(path, {"test_acc": acc, "params": row["params"], "train_s": train_s,
+                              "imported_from": row["source"]})
+                new += 1
     return new
 
 
