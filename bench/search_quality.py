@@ -109,12 +109,16 @@ def _store(path: str, record: dict) -> None:
     os.replace(path + ".tmp", path)  # a reader never sees half a record
 
 
+def _record_path(work: str, name: str, key: str) -> str:
+    return os.path.join(work, f"{name}-{key}.json")
+
+
 def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict:
     """The record stored under work/<name>-<key>.json, computed (and stored atomically) when missing. Before
     computing, the process claims the record (work/<name>-<key>.json.claim), so processes sharing --work never
     compute one record twice; when another live process holds the claim, busy="skip" raises Busy and
     busy="wait" waits for that process's record."""
-    path = os.path.join(work, f"{name}-{key}.json")
+    path = _record_path(work, name, key)
     said = False
     while True:
         record = _stored(path)
@@ -209,8 +213,7 @@ def enter_imported(imported: list[dict], recipe: Config, name: str, genotype: Ge
     for row in (r for r in imported if r["genotype"] == genotype):
         times = row.get("per_seed_train_s") or [row["train_s"]] * len(row["seeds"])
         for seed, acc, train_s in zip(row["seeds"], row["per_seed"], times):
-            record_name, key = _train_record(recipe, name, genotype, seed)
-            path = os.path.join(work, f"{record_name}-{key}.json")
+            path = _record_path(work, *_train_record(recipe, name, genotype, seed))
             if not os.path.exists(path):
                 _store(path, {"test_acc": acc, "params": row["params"], "train_s": train_s,
                               "imported_from": row["source"]})
