@@ -25,8 +25,8 @@ setup(
     extras_require={
         "export": EXPORT,
         "tensorboard": TENSORBOARD,
-        "test": ["pytest", "pytest-xdist", *EXPORT, *TENSORBOARD],  # export round trips and scalars are tested; make
-        # test runs one pytest worker per core
+        # the suite checks the export round trips and the scalars; make test runs one pytest-xdist worker per core
+        "test": ["pytest", "pytest-xdist", *EXPORT, *TENSORBOARD],
     },
     entry_points={"console_scripts": ["aso-se = engine.cli:main"]},
 )
