@@ -81,13 +81,17 @@ def make_deterministic(device: torch.device) -> None:
 
 
 def load_data(cfg: Config) -> Dataset:
-    """The config's data set, cut to `train_subset` samples of the official training set when set."""
+    """The config's data set, cut to `train_subset` samples of the official training set when set, its training
+    labels shuffled when `shuffle_labels` is set."""
     dataset = load_dataset(cfg.dataset, cfg.data_dir, n_train=cfg.synthetic_train, n_test=cfg.synthetic_test,
                            size=cfg.synthetic_size, channels=cfg.synthetic_channels, seed=cfg.seed)
     if cfg.train_subset and cfg.train_subset < len(dataset.train_labels):
         keep = np.sort(np.random.default_rng([cfg.seed, 7]).permutation(len(dataset.train_labels))[:cfg.train_subset])
         dataset.train_images = dataset.train_images[keep]
         dataset.train_labels = dataset.train_labels[keep]
+    if cfg.shuffle_labels:  # every image keeps its place, its label is another image's: nothing left to learn
+        dataset.train_labels = dataset.train_labels[np.random.default_rng([cfg.seed, 13]).permutation(
+            len(dataset.train_labels))]
     return dataset
 
 
@@ -228,5 +232,5 @@ def build_run(cfg: Config) -> Run:
               dataset, splits, augment, loaders, arch, arch_opt, gumbel, world)
     c, _, _ = dataset.image_shape
     run.new_supernet(darts_spec(c, dataset.num_classes, cfg.channels, cfg.layers, cfg.nodes, cfg.stem_multiplier,
-                                cfg.stem_stride))
+                                cfg.stem_stride, cfg.gate_ops))
     return run

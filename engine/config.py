@@ -15,7 +15,7 @@ from .errors import ConfigError
 @dataclass
 class Config:
     # ---- data
-    dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | synthetic
+    dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | synthetic | planted-lag | planted-polarity
     data_dir: str | None = None           # default: /usr/share/datasets/fashion-mnist for fashion-mnist
     val_fraction: float = 0.5             # share of the official training set used for architecture steps
     loader: str = "dali"                  # dali (the feeding path) | torch (baseline) | tensor
@@ -25,8 +25,11 @@ class Config:
     eval_batch_size: int = 256
     drop_last: bool = True                # train batches; eval always keeps the last partial batch
     train_subset: int = 0                 # >0: use only this many samples of the official training set
+    shuffle_labels: bool = False          # the official training labels permuted (seeded): the control a search
+                                          # claim is held against (RLNAS); the test labels stay as they are
     eval_samples: int = 0                 # >0: per-epoch val accuracy on a fixed subset of this size
-    synthetic_size: int = 16              # synthetic data set only: image size, channels, samples
+    synthetic_size: int = 16              # synthetic data set only: image size, channels, samples (the planted
+                                          # tasks take the sample counts; their image size is their own)
     synthetic_channels: int = 1
     synthetic_train: int = 2048
     synthetic_test: int = 512
@@ -55,6 +58,8 @@ class Config:
     max_param_free: int = -1              # parameter-free ops (pools, skip) allowed in the derived normal cell
     max_param_free_reduce: int = -1       # ... and in the derived reduction cell
     logit_noise: float = 0.0              # std of noise added to the logits at each phase change
+    gate_ops: bool = True                 # supernet ops other than skip start with a zero output scale (no
+                                          # collapse at the switch after an all-skip warmup; ops.gate_output)
     handover_bias: float = 5.0            # search starts sampling with this bias on skip_connect's logit ...
     handover_epochs: float = 1.0          # ... decaying linearly to 0 over these epochs (no collapse at the switch)
     arch_every: int = 1                   # one architecture step every `arch_every` weight steps
@@ -269,6 +274,13 @@ PRESETS: dict[str, dict] = {
     "cifar10": dict(dataset="cifar10", channels=16, layers=8, batch_size=64, warmup_epochs=15, search_epochs=25,
                     growth_epochs=30, optimize_epochs=15, optimize_batch_size=96, optimize_lr=0.025,
                     drop_path=0.2, max_channels=36, max_cells=14),
+    # Planted tasks (engine/data/planted.py; --set dataset=planted-polarity for the other one): two classes that
+    # only one op family tells apart, 4096 training images of 16x16, a 3-cell supernet of C=8. Each training of
+    # a genotype (the optimize phase alone, 2 epochs) takes 5-20 s on the 2-core CPU; docs/search-quality.md.
+    "planted": dict(dataset="planted-lag", synthetic_train=4096, synthetic_test=1024,
+                    channels=8, layers=3, batch_size=64, eval_batch_size=256, warmup_epochs=1, search_epochs=2,
+                    growth_epochs=0, optimize_epochs=2, optimize_init="fresh", optimize_batch_size=64,
+                    lr=0.05, optimize_lr=0.05, loader="tensor", max_skip=-1),
     # Synthetic data, tiny network: the whole pipeline in well under a minute.
     "smoke": dict(dataset="synthetic", synthetic_size=12, synthetic_train=512, synthetic_test=256, channels=4,
                   layers=3, batch_size=32, eval_batch_size=128, optimize_batch_size=32, warmup_epochs=1,

@@ -42,6 +42,8 @@ class NetSpec:
     stem_stride: int = 1
     nodes: int = 4
     cells: list[CellSpec] = field(default_factory=list)
+    gated: bool = True          # supernet: the ops warmup does not train start with a zero output scale
+                                # (ops.gate_output); older checkpoints, written before the field, were gated
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,7 +70,7 @@ class NetSpec:
 
 
 def darts_spec(in_channels: int, num_classes: int, c: int = 16, layers: int = 8, nodes: int = 4,
-               stem_multiplier: int = 3, stem_stride: int = 1) -> NetSpec:
+               stem_multiplier: int = 3, stem_stride: int = 1, gated: bool = True) -> NetSpec:
     """DARTS layout: `layers` cells, reduction cells at 1/3 and 2/3 of the depth (channels doubled there);
     cell k reads the outputs of the two cells before it (the stem stands in for missing ones)."""
     if layers < 1:
@@ -80,7 +82,7 @@ def darts_spec(in_channels: int, num_classes: int, c: int = 16, layers: int = 8,
         if reduction:
             c_cur *= 2
         cells.append(CellSpec(c_cur, reduction, (max(k - 1, 0), k), k + 1))
-    return NetSpec(in_channels, num_classes, stem_multiplier * c, stem_stride, nodes, cells)
+    return NetSpec(in_channels, num_classes, stem_multiplier * c, stem_stride, nodes, cells, gated)
 
 
 class Cell(nn.Module):
@@ -116,9 +118,9 @@ class Cell(nn.Module):
 
 
 class SearchCell(Cell):
-    def __init__(self, spec, in0, in1, nodes, affine: bool = False):
+    def __init__(self, spec, in0, in1, nodes, affine: bool = False, gated: bool = True):
         super().__init__(spec, in0, in1, nodes, affine)
-        self.edges = nn.ModuleList(MixedOp(spec.c, self._stride(src), affine)
+        self.edges = nn.ModuleList(MixedOp(spec.c, self._stride(src), affine, gate=gated)
                                    for node in range(nodes) for src in range(2 + node))
 
     def forward(self, s0, s1, weights: CellWeights | None = None, dense: torch.Tensor | None = None):
@@ -199,7 +201,7 @@ class Network(nn.Module):
     def make_cell(self, c: CellSpec, shapes: list[tuple[int, int]]) -> Cell:
         in0, in1 = shapes[c.inputs[0]], shapes[c.inputs[1]]
         if self.genotype is None:
-            return SearchCell(c, in0, in1, self.spec.nodes)
+            return SearchCell(c, in0, in1, self.spec.nodes, gated=self.spec.gated)
         return DerivedCell(c, in0, in1, self.spec.nodes, self.genotype)
 
     def forward(self, x: torch.Tensor, sample: dict[str, CellWeights] | None = None,

@@ -250,3 +250,32 @@ def test_a_node_may_read_one_state_twice():
         node0 = cell.edges[cell.keys[0]](states[0]) + states[0]
     c = node0.shape[1]
     assert torch.allclose(seen["out"][:, :c], node0, atol=1e-6)
+
+
+def test_an_ungated_supernet_keeps_the_darts_ops_and_its_spec_says_so():
+    """gate_ops=false (config) -> NetSpec.gated False: every op's output BatchNorm is DARTS's non-affine one, so a
+    sampled op trains from its first step; the spec carries the choice through checkpoints and growth, and a
+    spec written before the field existed reads as gated (what those supernets were)."""
+    from engine.ops import final_batchnorm
+    gated, plain = (Network(darts_spec(1, 10, 4, 3, gated=g)) for g in (True, False))
+    for net, want_affine in ((gated, True), (plain, False)):
+        edge = net.cells[0].edges[0]
+        for name, op in zip(PRIMITIVES, edge.ops):
+            bn = final_batchnorm(op)
+            if bn is None or name == "skip_connect":
+                continue
+            assert bn.affine is want_affine, (name, want_affine)
+            if want_affine:
+                assert torch.all(bn.weight == 0)   # silent until it learns
+    assert NetSpec.from_json(plain.spec.to_json()).gated is False
+    old = gated.spec.to_json()
+    del old["gated"]
+    assert NetSpec.from_json(old).gated is True
+    # and the ungated supernet's sampled op is not silent: its output is not all zeros
+    x = torch.randn(4, 1, 12, 12)
+    arch = Architecture(nodes=4)
+    w = arch._one_hot([PRIMITIVES.index("sep_conv_3x3")] * arch.edges, "normal")
+    sample = {"normal": w, "reduce": arch._one_hot([PRIMITIVES.index("sep_conv_3x3")] * arch.edges, "reduce")}
+    cell_out = [plain.cells[0](plain.stem(x), plain.stem(x), sample["normal"]),
+                gated.cells[0](gated.stem(x), gated.stem(x), sample["normal"])]
+    assert cell_out[0].abs().sum() > 0 and cell_out[1].abs().sum() == 0

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DataError
+from .planted import PLANTED, make_planted
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-DATASETS = ("fashion-mnist", "cifar10", "synthetic")
+DATASETS = ("fashion-mnist", "cifar10", "synthetic", *PLANTED)
 
 
 @dataclass
@@ -215,13 +216,25 @@ def make_synthetic(n_train: int = 2048, n_test: int = 512, size: int = 16, chann
                    tuple(f"class{c}" for c in range(classes)), mean, std, pad=2, flip=False)
 
 
+def read_planted(name: str, n_train: int, n_test: int) -> Dataset:
+    """A planted task (engine/data/planted.py): two classes whose difference only one op family can see. Its
+    sample counts are the synthetic_train / synthetic_test config fields, its image size its own (part of its
+    design); its images do not depend on the run's seed."""
+    train_images, train_labels, test_images, test_labels = make_planted(name, n_train, n_test)
+    mean, std = channel_stats(train_images)
+    return Dataset(name, train_images, train_labels, test_images, test_labels, ("class0", "class1"),
+                   mean, std, pad=0, flip=False)
+
+
 def load_dataset(name: str, data_dir: str | None = None, **synthetic_kwargs) -> Dataset:
     """`name` is one of DATASETS; `synthetic_kwargs` (n_train, n_test, size, channels, classes, seed)
-    only apply to the synthetic set."""
+    only apply to the synthetic set, n_train and n_test to the planted ones."""
     if name == "fashion-mnist":
         return read_fashion_mnist(data_dir)
     if name == "cifar10":
         return read_cifar10(data_dir)
     if name == "synthetic":
         return make_synthetic(**synthetic_kwargs)
+    if name in PLANTED:
+        return read_planted(name, synthetic_kwargs.get("n_train", 4096), synthetic_kwargs.get("n_test", 1024))
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -1,0 +1,215 @@
+"""Does the search find what is there to find? The planted-task protocol (engine/data/planted.py).
+
+    python bench/planted.py --task planted-lag --table --json bench/results/planted-lag-table.json
+    python bench/planted.py --task planted-lag --search-seeds 0,1,2,3,4,5 --shuffled-seeds 0,1,2 --random 20 \
+        --json bench/results/planted-lag.json
+    python bench/planted.py --quick        # what the test suite runs: one task, one search, a few genotypes
+
+A planted task is one whose answer is known: only one op family tells its two classes apart. Three questions:
+- `--table`, the task itself: homogeneous genotypes (every edge one op), one per op, trained with the recipe
+  for every --train-seeds seed. The planted family must beat every other op by >= 5 points and by more than
+  10 pooled training-seed sds, or the task is redesigned.
+- the search, on the real labels (--search-seeds) and on shuffled ones (--shuffled-seeds, the RLNAS control):
+  per search, the share of the derived normal cell's edges (and the reduction cell's) whose op is in the
+  planted family, against the shares of --random genotypes from the space (`Genotype.random`, the sampler of
+  bench/search_quality.py); how decided the final distributions are (each derived edge's probability, its
+  top-1 / top-2 margin); the searched genotypes trained with the recipe against the random ones.
+- pass: every real-label search above the random shares' 90th percentile (a sign test: 6 of 6 is p = 0.016)
+  and their mean accuracy more than 2 random sds above the random mean; on shuffled labels at most 1 of 3
+  searches above that percentile.
+The preset's derivation has no skip or parameter-free cap (`planted`: max_skip=-1): a capped share would
+be the cap's, not the search's. Searches and trainings are kept in --work (bench/search_quality.py's cache),
+so an interrupted protocol continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+
+import numpy as np
+
+from common import print_table, write_json
+from search_quality import search, summarize, train
+
+from engine.arch import CELL_TYPES, NONE, PRIMITIVES, Genotype
+from engine.cli import TRAIN_ONLY
+from engine.config import preset
+from engine.data.planted import PLANTED
+from engine.errors import AsoseError
+
+QUICK = dict(task="planted-lag", random=3, search_seeds="0", shuffled_seeds="", train_seeds="0",
+             overrides=["synthetic_train=1024", "synthetic_test=512", "search_epochs=1"])
+OPS = [op for op in PRIMITIVES if op != "none"]
+
+
+def homogeneous(op: str, nodes: int = 4) -> Genotype:
+    """Every edge `op`: node 0 reads both cell inputs, node j the two states before it (j - 1 and j + 1 in
+    state numbers), so the longest path through a cell is `nodes` ops, as in a DARTS cell."""
+    pairs = [(op, 0), (op, 1)] + [(op, s) for j in range(1, nodes) for s in (j - 1, j + 1)]
+    concat = list(range(2, 2 + nodes))
+    return Genotype(pairs, concat, list(pairs), list(concat))
+
+
+def family_share(genotype: Genotype, family: tuple[str, ...]) -> dict[str, float]:
+    return {t: sum(op in family for op, _ in getattr(genotype, t)) / len(getattr(genotype, t)) for t in CELL_TYPES}
+
+
+def decidedness(genotype: Genotype, probabilities: dict[str, list[list[float]]]) -> dict[str, list[dict]]:
+    """Per derived edge: its op's probability, the best other op's (neither `none`), and the margin."""
+    from engine.arch import edge_index
+    out = {}
+    for t in CELL_TYPES:
+        rows = []
+        for k, (op, src) in enumerate(getattr(genotype, t)):
+            p = probabilities[t][edge_index(k // 2, src)]
+            chosen = PRIMITIVES.index(op)
+            other = max(v for i, v in enumerate(p) if i not in (NONE, chosen))
+            rows.append({"op": op, "input": src, "p": round(p[chosen], 4), "p_second": round(other, 4),
+                         "margin": round(p[chosen] - other, 4)})
+        out[t] = rows
+    return out
+
+
+def percentile90(values: list[float]) -> float:
+    return float(np.percentile(values, 90))
+
+
+def sign_test(above: int, n: int) -> float:
+    """One-sided: P(at least `above` of `n` above the median) if the search were a coin (p = 0.5)."""
+    return sum(math.comb(n, k) for k in range(above, n + 1)) / 2 ** n
+
+
+def table(cfg, recipe, family, seeds, work) -> tuple[list[dict], dict]:
+    rows = []
+    for op in OPS:
+        accs = [train(recipe, f"homogeneous-{op}", homogeneous(op, cfg.nodes), s, work)["test_acc"] for s in seeds]
+        rows.append({"op": op, "planted": op in family, "test_acc": statistics.fmean(accs),
+                     "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "per_seed": accs})
+    inside = [r for r in rows if r["planted"]]
+    outside = [r for r in rows if not r["planted"]]
+    pooled = math.sqrt(statistics.fmean(r["sd"] ** 2 for r in rows)) if len(seeds) > 1 else 0.0
+    worst_in, best_out = min(r["test_acc"] for r in inside), max(r["test_acc"] for r in outside)
+    family_mean = statistics.fmean(r["test_acc"] for r in inside)
+    gap = family_mean - best_out
+    verdict = {"family_mean": family_mean, "worst_planted_op": worst_in, "best_other_op": best_out,
+               "gap": gap, "worst_gap": worst_in - best_out, "pooled_seed_sd": pooled,
+               "gap_in_sds": gap / pooled if pooled > 0 else None,
+               "confirmed": gap >= 0.05 and pooled > 0 and gap > 10 * pooled}
+    return rows, verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="planted-lag", choices=sorted(PLANTED))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override of the planted preset, for the searches and the recipe")
+    p.add_argument("--search-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the searches only (a remedy under test): the trainings stay cached")
+    p.add_argument("--table", action="store_true", help="the homogeneous-genotype table only")
+    p.add_argument("--random", type=int, default=20)
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--search-seeds", default="0,1,2,3,4,5")
+    p.add_argument("--shuffled-seeds", default="0,1,2")
+    p.add_argument("--train-seeds", default="0,1")
+    p.add_argument("--epochs", type=float, default=None, help="training epochs (default: the preset's)")
+    p.add_argument("--work", default="runs/planted")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    seeds = lambda text: [int(s) for s in text.split(",") if s.strip()]  # noqa: E731
+    family = PLANTED[args.task][1]
+    try:
+        cfg = preset("planted").override([f"dataset={args.task}", *args.overrides])
+        epochs = cfg.optimize_epochs if args.epochs is None else args.epochs
+        recipe = cfg.override(TRAIN_ONLY + [f"optimize_epochs={epochs}"])
+        searched = cfg.override(args.search_set)
+        work = os.path.join(args.work, args.task)
+        os.makedirs(work, exist_ok=True)
+        train_seeds = seeds(args.train_seeds)
+        protocol = {"task": args.task, "family": list(family), "overrides": args.overrides,
+                    "search_set": args.search_set, "epochs": epochs, "train_seeds": train_seeds,
+                    "recipe": recipe.to_json(),
+                    "command": " ".join(["python", "bench/planted.py", *(argv if argv is not None else sys.argv[1:])])}
+        if args.table:
+            rows, verdict = table(cfg, recipe, family, train_seeds, work)
+            print_table([{**r, "test_acc": 100 * r["test_acc"], "sd": 100 * r["sd"]} for r in rows],
+                        ["op", "planted", "test_acc", "sd"], title=f"{args.task}: homogeneous genotypes, "
+                        f"{epochs:g} epoch(s), training seeds {train_seeds}")
+            print(f"planted family {'+'.join(family)}: {100 * verdict['family_mean']:.2f}% against the best other "
+                  f"op's {100 * verdict['best_other_op']:.2f}%: gap {100 * verdict['gap']:+.2f} points = "
+                  f"{verdict['gap_in_sds'] or 0:.1f} pooled seed sds ({100 * verdict['pooled_seed_sd']:.2f}); "
+                  f"worst planted op {100 * verdict['worst_planted_op']:.2f}% -> "
+                  f"{'confirmed' if verdict['confirmed'] else 'NOT confirmed'}")
+            write_json(args.json, rows, protocol=protocol, verdict=verdict)
+            return 0
+
+        rng = np.random.default_rng(args.random_seed)
+        rows = [{"name": f"random{i}", "kind": "random", "genotype": Genotype.random(rng, cfg.nodes)}
+                for i in range(args.random)]
+        for kind, cfg_k, seed_list in (("searched", searched, seeds(args.search_seeds)),
+                                       ("shuffled", searched.override(["shuffle_labels=true"]),
+                                        seeds(args.shuffled_seeds))):
+            for s in seed_list:
+                found = search(cfg_k, s, work)
+                g = Genotype.from_json(found["genotype"])
+                rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
+                             "decided": decidedness(g, found["probabilities"])})
+        for r in rows:
+            r["share"] = family_share(r["genotype"], family)
+            if r["kind"] != "shuffled":  # the control's genotypes are judged by their shares alone
+                runs = [train(recipe, r["name"], r["genotype"], s, work) for s in train_seeds]
+                r["test_acc"] = statistics.fmean(x["test_acc"] for x in runs)
+                r["per_seed"] = [x["test_acc"] for x in runs]
+                r["params"] = runs[0]["params"]
+    except AsoseError as e:
+        print(f"planted: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+    random_share = [r["share"]["normal"] for r in rows if r["kind"] == "random"]
+    p90 = percentile90(random_share)
+    for r in rows:
+        r["above_p90"] = r["share"]["normal"] > p90
+        if "decided" in r:
+            derived = [e for t in CELL_TYPES for e in r["decided"][t]]
+            r["min_margin"] = min(e["margin"] for e in derived)
+            r["min_p"] = min(e["p"] for e in derived)
+    real = [r for r in rows if r["kind"] == "searched"]
+    shuffled = [r for r in rows if r["kind"] == "shuffled"]
+    random_accs = [r["test_acc"] for r in rows if r["kind"] == "random"]
+    acc = summarize(random_accs, {r["name"]: r["test_acc"] for r in real})
+    mean_real = statistics.fmean(r["test_acc"] for r in real) if real else None
+    sds = (mean_real - acc["random_mean"]) / acc["random_sd"] if real and acc["random_sd"] > 0 else None
+    n_above = sum(r["above_p90"] for r in real)
+    verdict = {"random_share_p90": p90, "random_share_mean": statistics.fmean(random_share),
+               "real_above_p90": n_above, "real_n": len(real), "sign_test_p": sign_test(n_above, len(real)),
+               "shuffled_above_p90": sum(r["above_p90"] for r in shuffled), "shuffled_n": len(shuffled),
+               "random_acc_mean": acc["random_mean"], "random_acc_sd": acc["random_sd"],
+               "searched_acc_mean": mean_real, "searched_sds_above_random": sds}
+    verdict["passes"] = bool(real) and n_above == len(real) and sds is not None and sds > 2 \
+        and verdict["shuffled_above_p90"] <= max(1, len(shuffled) // 3)
+    for r in rows:
+        r["genotype_json"], r["genotype"] = r["genotype"].to_json(), str(r["genotype"])
+        r["share_normal"], r["share_reduce"] = r["share"]["normal"], r["share"]["reduce"]
+    print_table([{**r, "test_acc": None if r.get("test_acc") is None else 100 * r["test_acc"]} for r in rows],
+                ["name", "kind", "share_normal", "share_reduce", "above_p90", "min_p", "min_margin", "test_acc"],
+                title=f"{args.task}: planted family {'+'.join(family)}, {epochs:g} training epoch(s), seeds "
+                      f"{train_seeds}")
+    print(f"random shares of the normal cell: mean {verdict['random_share_mean']:.3f}, 90th percentile {p90:.3f}")
+    print(f"real labels: {n_above}/{len(real)} searches above it (sign test p = {verdict['sign_test_p']:.4f}); "
+          f"shuffled labels: {verdict['shuffled_above_p90']}/{len(shuffled)}")
+    if sds is not None:
+        print(f"accuracy: searched {100 * mean_real:.2f}% against random {100 * acc['random_mean']:.2f} +- "
+              f"{100 * acc['random_sd']:.2f}% ({sds:+.2f} random sds)")
+    print(f"-> {'passes' if verdict['passes'] else 'does NOT pass'}")
+    write_json(args.json, rows, protocol=protocol, verdict=verdict, accuracy=acc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

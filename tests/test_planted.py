@@ -1,0 +1,123 @@
+"""engine/data/planted.py and bench/planted.py: the planted tasks hold the relation they claim, and nothing a 3x3
+window sees; the shuffled-label control; the protocol's statistics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.arch import PRIMITIVES, Genotype
+from engine.build import load_data
+from engine.config import preset
+from engine.data import load_dataset
+from engine.data.planted import PLANTED, make_planted
+
+from .conftest import load_bench
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return load_bench("planted")
+
+
+def _corr(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Per image, the correlation of each pixel with the one (dy, dx) away."""
+    x = images[..., 0].astype(np.float64)
+    x = x - x.mean(axis=(1, 2), keepdims=True)
+    h, w = x.shape[1:]
+    a, b = x[:, :h - dy, :w - dx], x[:, dy:, dx:]
+    return (a * b).mean(axis=(1, 2)) / (x * x).mean(axis=(1, 2))
+
+
+@pytest.mark.parametrize("name", sorted(PLANTED))
+def test_a_planted_task_is_fixed_balanced_and_independent_of_the_run_seed(name):
+    a = make_planted(name, 256, 64)
+    b = load_data(preset("planted").override([f"dataset={name}", "synthetic_train=256", "synthetic_test=64",
+                                              "seed=5"]))
+    for x, y in zip(a, (b.train_images, b.train_labels, b.test_images, b.test_labels)):
+        assert np.array_equal(x, y)
+    images, labels = a[0], a[1]
+    assert images.dtype == np.uint8 and images.shape == (256, PLANTED[name][2], PLANTED[name][2], 1)
+    assert 0.4 < labels.mean() < 0.6
+    assert not np.array_equal(a[0][:64], a[2])  # the test images are new draws
+
+
+def test_lag_lives_at_six_pixels_and_nowhere_a_3x3_window_reaches():
+    images, labels = make_planted("planted-lag", 512, 16)[:2]
+    along_row, along_col = _corr(images, 0, 6), _corr(images, 6, 0)
+    # the oracle: the lag-6 correlation along a row against along a column tells every image's class
+    assert np.array_equal((along_col > along_row).astype(int), labels)
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (0, 2), (2, 0)):  # what a 3x3 window (and two of them) sees
+        c = _corr(images, dy, dx)
+        assert abs(c[labels == 0].mean() - c[labels == 1].mean()) < 0.02, (dy, dx)
+
+
+def test_polarity_is_two_dots_far_apart_whose_colours_differ_in_class_one():
+    images, labels = make_planted("planted-polarity", 512, 16)[:2]
+    for img, label in zip(images[..., 0], labels):
+        dots = np.argwhere((img == 0) | (img == 255))
+        assert len(dots) == 2
+        (y0, x0), (y1, x1) = dots
+        assert 9 <= max(abs(y1 - y0), abs(x1 - x0)) <= 12
+        assert int(img[y0, x0] != img[y1, x1]) == label
+    # a global count cannot tell: class 0 holds two bright or two dark dots, class 1 one of each
+    bright = (images == 255).sum(axis=(1, 2, 3))
+    assert set(bright[labels == 1]) == {1} and set(bright[labels == 0]) == {0, 2}
+
+
+def test_shuffled_labels_keep_the_images_and_the_test_set():
+    base = preset("planted").override(["synthetic_train=512", "synthetic_test=64"])
+    real = load_data(base)
+    shuffled = load_data(base.override(["shuffle_labels=true"]))
+    again = load_data(base.override(["shuffle_labels=true"]))
+    other_seed = load_data(base.override(["shuffle_labels=true", "seed=1"]))
+    assert np.array_equal(real.train_images, shuffled.train_images)
+    assert np.array_equal(real.test_labels, shuffled.test_labels)
+    assert sorted(real.train_labels) == sorted(shuffled.train_labels)
+    assert np.array_equal(shuffled.train_labels, again.train_labels)
+    assert not np.array_equal(shuffled.train_labels, other_seed.train_labels)
+    agree = (real.train_labels == shuffled.train_labels).mean()
+    assert 0.4 < agree < 0.6  # two balanced classes: a shuffle keeps about half the labels by chance
+
+
+def test_unknown_planted_name_is_one_line(capsys):
+    from engine.cli import main
+    assert main(["data", "--dataset", "planted-nothing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "planted-lag" in err and "planted-polarity" in err
+
+
+def test_homogeneous_genotypes_are_valid_and_as_deep_as_a_darts_cell(planted):
+    for op in PRIMITIVES[1:]:
+        g = planted.homogeneous(op)
+        assert Genotype.from_json(g.to_json()) == g
+        assert {o for o, _ in g.normal + g.reduce} == {op}
+    # node j reads node j-1: the longest path through the cell is 4 ops
+    assert [i for _, i in planted.homogeneous("sep_conv_3x3").normal] == [0, 1, 0, 2, 1, 3, 2, 4]
+
+
+def test_family_share_sign_test_and_margins(planted):
+    cell = [("sep_conv_3x3", 0), ("max_pool_3x3", 1), ("sep_conv_5x5", 0), ("skip_connect", 2),
+            ("avg_pool_3x3", 1), ("dil_conv_3x3", 3), ("sep_conv_3x3", 2), ("max_pool_3x3", 4)]
+    g = Genotype(cell, [2, 3, 4, 5], list(cell), [2, 3, 4, 5])
+    share = planted.family_share(g, PLANTED["planted-lag"][1])
+    assert share == {"normal": 0.5, "reduce": 0.5}
+    assert planted.sign_test(6, 6) == pytest.approx(1 / 64) and planted.sign_test(0, 6) == 1.0
+    assert planted.sign_test(5, 6) == pytest.approx(7 / 64)
+    probs = [[0.0, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1, 0.1]] * 14
+    d = planted.decidedness(g, {"normal": probs, "reduce": probs})
+    first = d["normal"][0]
+    assert first["op"] == "sep_conv_3x3" and first["p"] == 0.4 and first["p_second"] == 0.1 and first["margin"] == 0.3
+    assert d["normal"][1]["margin"] == pytest.approx(0.1 - 0.4)  # max_pool chosen at 0.1 where sep3 has 0.4
+
+
+def test_planted_data_command_describes_the_task(capsys):
+    from engine.cli import main
+    assert main(["data", "--dataset", "planted-polarity"]) == 0
+    out = capsys.readouterr().out
+    assert "planted-polarity" in out and "1x20x20" in out and "2: class0, class1" in out
+
+
+def test_load_dataset_of_a_planted_task_takes_only_the_counts():
+    d = load_dataset("planted-lag", n_train=64, n_test=32, size=99, channels=3, seed=7)
+    assert d.train_images.shape == (64, 16, 16, 1) and d.test_images.shape == (32, 16, 16, 1)
+    assert d.pad == 0 and d.flip is False
