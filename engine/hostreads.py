@@ -13,6 +13,12 @@ on CPU tensors exactly where they would stall a GPU, so tests can hold the engin
 Caught: `aten._local_scalar_dense` (item, float, int, bool of a tensor), `aten.nonzero` and the ops built on it
 (boolean-mask indexing and index_put, masked_select, one-argument where), `aten.equal`, device-to-host copies
 that block, and `Tensor.tolist` / `Tensor.numpy`, which read memory without dispatching (wrapped for the block).
+A blocking `.cpu()` / `.to("cpu")` of a CPU tensor dispatches nothing either (the tensor is returned as it is),
+yet on a GPU the same line is a device-to-host copy that waits: those two methods are wrapped too, and count
+when their tensor is on the CPU (a device tensor's copy is counted at dispatch, once). `.to(device)` with a
+`torch.device` (or another tensor) is how code moves data to its compute device, which on a CPU run is the
+CPU too: it is not counted there, so a read is caught on the CPU when it is spelled as one (`.cpu()`,
+`.to("cpu")`, `.numpy()`, `.tolist()`, `.item()` and the rest above).
 """
 from __future__ import annotations
 
@@ -47,6 +53,14 @@ def _blocking_device_to_host(func, args, kwargs) -> bool:
             and device is not None and torch.device(device).type == "cpu")
 
 
+def _asks_for_the_host(args, kwargs) -> bool:
+    """Whether `Tensor.to(*args, **kwargs)` is spelled as a blocking read to the host: to("cpu"), to(device="cpu"),
+    without non_blocking=True. A dtype or memory-format change, or a torch.device (the compute device), is not."""
+    target = args[0] if args and isinstance(args[0], str) else kwargs.get("device")
+    non_blocking = kwargs.get("non_blocking", False) or any(a is True for a in args[1:3])
+    return isinstance(target, str) and torch.device(target).type == "cpu" and not non_blocking
+
+
 def _site() -> str:
     """The innermost frame in this project's code (engine/, kernels/, bench/) that asked for the read."""
     frame = sys._getframe(2)
@@ -79,12 +93,16 @@ class HostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def __enter__(self):
-        for name in ("tolist", "numpy"):
+        counts = {"tolist": lambda t, a, k: True, "numpy": lambda t, a, k: True,
+                  "cpu": lambda t, a, k: t.device.type == "cpu",
+                  "to": lambda t, a, k: t.device.type == "cpu" and _asks_for_the_host(a, k)}
+        for name, counted in counts.items():
             original = getattr(torch.Tensor, name)
             self._patched[name] = original
 
-            def wrapped(t, *a, _original=original, **k):
-                self._hit()
+            def wrapped(t, *a, _original=original, _counted=counted, **k):
+                if _counted(t, a, k):
+                    self._hit()
                 return _original(t, *a, **k)
             setattr(torch.Tensor, name, wrapped)
         return super().__enter__()

@@ -32,13 +32,21 @@ def _quiet(*_):
 
 def test_the_counter_catches_every_kind_of_read():
     t = torch.arange(6.0)
-    tolist = torch.Tensor.tolist
+    tolist, cpu, to = torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.to
     with HostReads() as reads:
         float(t.sum()), int(t[0]), bool(t[1] > 0), t.tolist(), t.numpy(), t[t > 2], t.nonzero(), torch.equal(t, t)
     assert reads.count == 8, reads.report()  # one each
+    # on a GPU each of these waits for the device; on the CPU they return the tensor itself and dispatch nothing
+    loss = t.sum()
+    with HostReads() as reads:
+        loss.detach().cpu(), loss.to("cpu"), t.to(device="cpu"), t.to("cpu", torch.float64)
+    assert reads.count == 4, reads.report()
     with HostReads() as reads:
         (t * 2 + 1).sum().exp()  # device work only
-    assert reads.count == 0 and torch.Tensor.tolist is tolist  # the wrapper is gone after the block
+        t.to(torch.float64), t.to("cpu", non_blocking=True), t.to(memory_format=torch.contiguous_format)
+        t.to(torch.device("cpu")), t.to(t)  # moves to the compute device (the CPU here), as loaders and torch do
+    assert reads.count == 0, reads.report()
+    assert torch.Tensor.tolist is tolist and torch.Tensor.cpu is cpu and torch.Tensor.to is to  # wrappers gone
 
 
 def test_step_reads_per_phase(tmp_path, sync_free):

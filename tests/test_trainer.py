@@ -162,12 +162,16 @@ def test_damaged_checkpoint_stops_with_one_line_and_loses_nothing(tmp_path, caps
     assert before == after
 
 
-def test_resume_with_nvtx_profiling(tmp_path):
-    # --nvtx changes no result, so it may be switched on for a resumed run (it used to make the configs differ)
+def test_resume_with_nvtx_profiling(smoke_run, tmp_path):
+    # --nvtx changes no result, so it may be switched on for a resumed run (it used to make the configs differ):
+    # the resumed, profiled run ends exactly where the uninterrupted one does
+    _, full_out, full_final = smoke_run
     out = tmp_path / "run"
     _run(preset("smoke"), out, stop_after=2)
     assert main(["search", "--resume", str(out), "--nvtx"]) == 0
-    assert json.loads((out / "final.json").read_text())["epochs"] == 4
+    final = json.loads((out / "final.json").read_text())
+    assert final["epochs"] == 4 and final["test_acc"] == full_final["test_acc"]
+    assert untimed(_metrics(out)) == untimed(_metrics(full_out))
 
 
 def test_resume_on_another_device_of_the_same_kind_but_not_with_another_seed(tmp_path, capsys):
