@@ -380,6 +380,37 @@ def test_ranks_that_drift_apart_stop_naming_the_epoch(tmp_path):
         assert "logits differ between ranks after search epoch 2" in message
 
 
+def _drift_in_the_loop(rank: int, out: str, results: str) -> None:
+    """A whole smoke search on two ranks, where rank 1's logits move off rank 0's after its first architecture
+    step (as a rank-local bug would): the loop's own per-epoch check must stop both ranks at that epoch's end."""
+    trainer = Trainer(preset("smoke").override(SMOKE), out, log=_quiet)
+    arch_step = trainer.steps.arch_step
+
+    def drifting(*a, **k):
+        r = arch_step(*a, **k)
+        if rank == 1 and trainer.progress.arch_steps == 0:  # the first one (the loop counts it after the call)
+            with torch.no_grad():
+                trainer.arch.logits["normal"][0, 1] += 1e-3
+        return r
+    trainer.steps.arch_step = drifting
+    try:
+        trainer.run()
+        message = None
+    except TrainingError as e:
+        message = str(e)
+    with open(os.path.join(results, f"loop{rank}.txt"), "w") as f:
+        f.write(message or "finished")
+
+
+def test_the_loop_stops_ranks_whose_logits_drift_apart(tmp_path):
+    spawn(_drift_in_the_loop, str(tmp_path / "run"), str(tmp_path))
+    for r in range(2):
+        message = (tmp_path / f"loop{r}.txt").read_text()
+        assert "architecture logits differ between ranks after search epoch 1" in message, message
+    # it stopped there: no growth or optimize epoch was recorded
+    assert {rec.get("phase") for rec in _records(tmp_path / "run")} <= {"warmup", "search"}
+
+
 # ------------------------------------------------------------------------------------------ torchrun
 def _rank_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of the workers torchrun started (read from their environment)."""
