@@ -155,6 +155,30 @@ def test_the_exported_model_loads_without_aso_se_and_reproduces_the_run(smoke_ru
     for batch in ("1", "3", "256"):  # batch sizes other than the export's (2)
         assert outs[batch].shape == ref.shape
         assert float(np.abs(outs[batch] - ref).max()) <= 1e-4, batch
+    if fmt == "onnx":  # the default opset is the one the README names (chosen by measurement there)
+        import onnx
+
+        from engine.export import ONNX_OPSET
+        opsets = {o.domain: o.version for o in onnx.load(result["file"]).opset_import}
+        assert opsets[""] == ONNX_OPSET
+        readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+        assert f"(ONNX, opset {ONNX_OPSET})" in readme and f"ONNX opset {ONNX_OPSET} (default)" in readme
+
+
+def test_an_export_that_does_not_reproduce_the_run_exits_3_naming_the_file(smoke_run, tmp_path, capsys, monkeypatch):
+    """The CLI's own check, against a real export bug: the test-time flip left out of the exported model (the
+    run tested with it). The exported logits then differ from the engine's: one line, exit 3."""
+    import engine.export
+
+    class WithoutTheFlip(engine.export.Standalone):
+        def __init__(self, net, mean, std, flip):
+            super().__init__(net, mean, std, False)
+    monkeypatch.setattr(engine.export, "Standalone", WithoutTheFlip)
+    out = tmp_path / "model.pt"
+    assert main(["export", str(smoke_run), "--out", str(out)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aso-se: error:") and "\n" not in err
+    assert str(out) in err and "does not reproduce the run" in err
 
 
 def test_eval_of_the_final_checkpoint_gives_the_runs_test_accuracy(smoke_run):
