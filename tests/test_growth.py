@@ -105,6 +105,52 @@ def test_optimizer_state_follows_the_parameters():
     assert deep.stem[0].weight in deep_opt.state
 
 
+def test_momentum_after_widening_by_hand_and_in_function():
+    """An oracle that does not use the transforms: each wide classifier column is an old column divided by its
+    number of copies (the mapping read off the weights themselves), and its momentum must be that old column's
+    momentum divided the same way. Then in function: a step driven by momentum and weight decay alone (zero
+    gradients) moves the grown network exactly as it moves the original, if and only if the momentum followed
+    the weights (undivided or dropped momentum moves the two apart)."""
+    net, x = _supernet(12, 1, layers=3)
+    sample = Architecture().sample("warmup")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=3e-4)
+    net.train()
+    for _ in range(2):
+        opt.zero_grad()
+        net(x, sample).square().mean().backward()
+        opt.step()
+    wide, transforms = grow_width(net, 1.5)
+    new_opt = torch.optim.SGD(wide.parameters(), lr=0.1, momentum=0.9, weight_decay=3e-4)
+    transfer_optimizer_state(opt, new_opt, transforms)
+
+    w, wn = net.classifier.weight.detach(), wide.classifier.weight.detach()          # (10, C), (10, C')
+    m, mn = opt.state[net.classifier.weight]["momentum_buffer"], new_opt.state[wide.classifier.weight]["momentum_buffer"]
+    assert wn.shape[1] > w.shape[1]
+    # the old column each wide column copies: the one it is parallel to
+    cos = torch.nn.functional.normalize(wn.T, dim=1) @ torch.nn.functional.normalize(w.T, dim=1).T   # (C', C)
+    source = cos.argmax(1)
+    assert torch.allclose(cos.max(1).values, torch.ones(len(source)), atol=1e-5)
+    copies = torch.bincount(source, minlength=w.shape[1]).float()
+    assert torch.allclose(wn, w[:, source] / copies[source], atol=1e-6)
+    assert torch.allclose(mn, m[:, source] / copies[source], atol=1e-6)
+
+    def eval_out(model):
+        model.eval()
+        with torch.no_grad():
+            out = model(x, sample)
+        model.train()
+        return out
+    before = eval_out(net)
+    assert torch.allclose(eval_out(wide), before, atol=1e-4)
+    for o, model in ((opt, net), (new_opt, wide)):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)   # the step is momentum and weight decay alone
+        o.step()
+    after = eval_out(net)
+    assert (after - before).abs().max() > 1e-2  # the step moved the function ...
+    assert torch.allclose(eval_out(wide), after, atol=1e-4)  # ... and the grown network's with it
+
+
 def test_depth_position_policy():
     spec = darts_spec(1, 10, 4, 5)  # cells 0..4, reductions at 1 and 3: stages [0], [1, 2], [3, 4]
     assert choose_depth_position(spec) == 1
