@@ -40,8 +40,8 @@ from engine.config import preset
 from engine.data.planted import PLANTED
 from engine.errors import AsoseError
 
-QUICK = dict(task="planted-lag", random=3, search_seeds="0", shuffled_seeds="", train_seeds="0",
-             overrides=["synthetic_train=1024", "synthetic_test=512", "search_epochs=1"])
+QUICK = dict(task="planted-lag", random=3, search_seeds="0", shuffled_seeds="", train_seeds="0", epochs=1.0,
+             overrides=["synthetic_train=512", "synthetic_test=256", "warmup_epochs=0.5", "search_epochs=1"])
 OPS = [op for op in PRIMITIVES if op != "none"]
 
 

@@ -358,19 +358,25 @@ def test_compiled_steps_on_two_ranks_recompile_once_per_rank_per_event(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ drift
+def _write_error(path: str, fn) -> None:
+    """Run `fn` on this rank and write the TrainingError it raised to `path` (nothing when it raised none)."""
+    try:
+        fn()
+        message = ""
+    except TrainingError as e:
+        message = str(e)
+    with open(path, "w") as f:
+        f.write(message)
+
+
 def _drift(rank: int, results: str) -> None:
     world = distributed.init(torch.device("cpu"))
     logits = [torch.arange(6.0).reshape(2, 3)]
     distributed.check_same("logits", logits, world, "after search epoch 1")  # the same: passes
     if rank == 1:
         logits[0][1, 2] += 1e-6
-    try:
-        distributed.check_same("logits", logits, world, "after search epoch 2")
-        message = None
-    except TrainingError as e:
-        message = str(e)
-    with open(os.path.join(results, f"drift{rank}.txt"), "w") as f:
-        f.write(message or "")
+    _write_error(os.path.join(results, f"drift{rank}.txt"),
+                 lambda: distributed.check_same("logits", logits, world, "after search epoch 2"))
 
 
 def test_ranks_that_drift_apart_stop_naming_the_epoch(tmp_path):
@@ -393,13 +399,7 @@ def _drift_in_the_loop(rank: int, out: str, results: str) -> None:
                 trainer.arch.logits["normal"][0, 1] += 1e-3
         return r
     trainer.steps.arch_step = drifting
-    try:
-        trainer.run()
-        message = None
-    except TrainingError as e:
-        message = str(e)
-    with open(os.path.join(results, f"loop{rank}.txt"), "w") as f:
-        f.write(message or "finished")
+    _write_error(os.path.join(results, f"loop{rank}.txt"), trainer.run)
 
 
 def test_the_loop_stops_ranks_whose_logits_drift_apart(tmp_path):

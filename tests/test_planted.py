@@ -2,6 +2,8 @@
 window sees; the shuffled-label control; the protocol's statistics."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,29 @@ def test_load_dataset_of_a_planted_task_takes_only_the_counts():
     d = load_dataset("planted-lag", n_train=64, n_test=32, size=99, channels=3, seed=7)
     assert d.train_images.shape == (64, 16, 16, 1) and d.test_images.shape == (32, 16, 16, 1)
     assert d.pad == 0 and d.flip is False
+
+
+@pytest.mark.slow
+def test_quick_protocol_writes_shares_margins_and_a_verdict(planted, tmp_path, monkeypatch):
+    """bench/planted.py --quick end to end: one search on the real labels, three random genotypes, every record
+    kept in --work; collected again, it trains nothing and writes the same file."""
+    out, work = tmp_path / "p.json", tmp_path / "work"
+    assert planted.main(["--quick", "--work", str(work), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["name"]: r for r in data["records"]}
+    assert set(rows) == {"random0", "random1", "random2", "searched0"}
+    searched = rows["searched0"]
+    g = Genotype.from_json(searched["genotype_json"])
+    assert searched["share_normal"] == planted.family_share(g, PLANTED["planted-lag"][1])["normal"]
+    assert len(searched["decided"]["normal"]) == 8 and 0 <= searched["min_p"] <= 1
+    assert searched["above_p90"] == (searched["share_normal"] > data["verdict"]["random_share_p90"])
+    assert data["verdict"]["real_n"] == 1 and isinstance(data["verdict"]["passes"], bool)
+    assert all(0 <= r["test_acc"] <= 1 for r in data["records"])
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the result was kept in --work")
+    import search_quality
+    monkeypatch.setattr(search_quality, "Trainer", no_training)
+    again = tmp_path / "again.json"
+    assert planted.main(["--quick", "--work", str(work), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["records"] == data["records"]
