@@ -23,10 +23,11 @@ run: install data
 	  $(PY) -m engine.cli search --preset $(PRESET) --out $$out; \
 	fi && echo "report: $$($(PY) -m engine.cli report $$out)"
 
-# One pytest worker per core (pytest-xdist), each with its share of the threads.
+# One pytest worker per core (pytest-xdist), each with its share of the threads; the 15 slowest tests listed
+# at the end, so every CI log shows where the suite's time goes.
 TEST_WORKERS ?= auto
 test: install data
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 install: $(STAMP)
 

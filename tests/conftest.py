@@ -58,6 +58,9 @@ def _seeded():
 
 
 def pytest_collection_modifyitems(config, items):
+    # the long tests first (stable: otherwise in file order), so that under `make test`'s two workers the short
+    # ones fill the gaps at the end instead of one worker finishing a long test alone
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -26,6 +26,7 @@ def _digests(folder) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_make_run_after_a_finished_run_starts_a_new_run_beside_it(tmp_path):
     run = tmp_path / "run"

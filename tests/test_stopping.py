@@ -128,6 +128,7 @@ def _identity(path: str):
         return None
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_ends_identical(reference, tmp_path):
     """Ten SIGKILLs spread over all four phases, each after a seeded number of checkpoints in the aimed phase plus
     a seeded random delay (so some land inside a step, some inside a checkpoint write); every restart is

@@ -108,6 +108,7 @@ def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path, stop_after):
     assert final["test_acc"] == full_final["test_acc"]
 
 
+@pytest.mark.slow
 def test_on_make_runs_path_reruns_and_resumes_are_bit_for_bit(tmp_path, monkeypatch):
     """The suite's CPU runs take the Triton interpreter (TRITON_INTERPRET=1, conftest) where `make run` takes the
     PyTorch reference (kernels.mixed_sum.mixed_sum_ref): here the reference alone, proven by a spy, must give a
@@ -125,7 +126,7 @@ def test_on_make_runs_path_reruns_and_resumes_are_bit_for_bit(tmp_path, monkeypa
         raise AssertionError("the Triton kernel ran on make run's path")
     monkeypatch.setattr(ms, "mixed_sum_ref", counted)
     monkeypatch.setattr(ms.MixedSumFn, "apply", no_kernel)
-    cfg = preset("smoke")
+    cfg = preset("smoke").override(["steps_per_epoch=4"])
     first = _run(cfg, tmp_path / "first")
     assert calls["ref"] > 0
     again = _run(cfg, tmp_path / "again")
@@ -248,6 +249,7 @@ def test_no_none_poisoning(tmp_path):
     assert bad["arch_acc"] < 0.2, bad  # the same search with `none` dominating the init stays near chance
 
 
+@pytest.mark.slow
 @needs_fashion_mnist
 @pytest.mark.parametrize("seed", [0, 1])
 def test_no_collapse_when_search_begins(tmp_path, seed):
@@ -266,11 +268,12 @@ SYNTHETIC_SWITCH = ["dataset=synthetic", "synthetic_size=16", "synthetic_train=4
                     "eval_samples=0"]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_no_collapse_when_search_begins_on_synthetic_data(tmp_path, seed):
-    """The synthetic twin of the test above. Measured 2026-12-05: the preset gains at the switch (val 56.6 ->
-    64.4%, 73.3 -> 76.2%); the behaviour before its remedies (gate_ops=false handover_bias=0 init_std=0.5) drops
-    11.2 and 43.3 points (56.6 -> 45.4%, 73.3 -> 30.1%) and fails here."""
+@pytest.mark.slow
+def test_no_collapse_when_search_begins_on_synthetic_data(tmp_path, seed=1):
+    """The synthetic twin of the test above. Measured 2026-12-05, seeds 0 and 1: the preset gains at the switch
+    (val 56.6 -> 64.4%, 73.3 -> 76.2%); the behaviour before its remedies (gate_ops=false handover_bias=0
+    init_std=0.5) drops 11.2 and 43.3 points (56.6 -> 45.4%, 73.3 -> 30.1%) and fails here. Seed 1 runs (the
+    suite's time is counted): its old-behaviour drop is the larger."""
     bench = load_bench("switch")
     r = bench.switch(preset("fashion-mnist").override(SYNTHETIC_SWITCH + [f"seed={seed}"]), str(tmp_path))
     assert r["warmup_val"] > 0.5, r
