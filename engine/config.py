@@ -275,8 +275,9 @@ PRESETS: dict[str, dict] = {
                     growth_epochs=30, optimize_epochs=15, optimize_batch_size=96, optimize_lr=0.025,
                     drop_path=0.2, max_channels=36, max_cells=14),
     # Planted tasks (engine/data/planted.py; --set dataset=planted-polarity for the other one): two classes that
-    # only one op family tells apart, 4096 training images of 16x16, a 3-cell supernet of C=8. Each training of
-    # a genotype (the optimize phase alone, 2 epochs) takes 5-20 s on the 2-core CPU; docs/search-quality.md.
+    # only one op family tells apart, 4096 training images (16x16 and 20x20), a 3-cell supernet of C=8, no
+    # derivation caps (a capped family share would be the cap's). Each training of a genotype (the optimize
+    # phase alone, 2 epochs) takes 5-20 s on the 2-core CPU; docs/planted-tasks.md.
     "planted": dict(dataset="planted-lag", synthetic_train=4096, synthetic_test=1024,
                     channels=8, layers=3, batch_size=64, eval_batch_size=256, warmup_epochs=1, search_epochs=2,
                     growth_epochs=0, optimize_epochs=2, optimize_init="fresh", optimize_batch_size=64,
