@@ -34,7 +34,7 @@ import numpy as np
 from common import print_table, write_json
 from search_quality import search, summarize, train
 
-from engine.arch import CELL_TYPES, NONE, PRIMITIVES, Genotype
+from engine.arch import CELL_TYPES, NONE, PRIMITIVES, Genotype, edge_index
 from engine.cli import TRAIN_ONLY
 from engine.config import preset
 from engine.data.planted import PLANTED
@@ -53,13 +53,8 @@ def homogeneous(op: str, nodes: int = 4) -> Genotype:
     return Genotype(pairs, concat, list(pairs), list(concat))
 
 
-def family_share(genotype: Genotype, family: tuple[str, ...]) -> dict[str, float]:
-    return {t: sum(op in family for op, _ in getattr(genotype, t)) / len(getattr(genotype, t)) for t in CELL_TYPES}
-
-
 def decidedness(genotype: Genotype, probabilities: dict[str, list[list[float]]]) -> dict[str, list[dict]]:
     """Per derived edge: its op's probability, the best other op's (neither `none`), and the margin."""
-    from engine.arch import edge_index
     out = {}
     for t in CELL_TYPES:
         rows = []
@@ -161,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
                              "decided": decidedness(g, found["probabilities"])})
         for r in rows:
-            r["share"] = family_share(r["genotype"], family)
+            r["share"] = r["genotype"].share(family)
             if r["kind"] != "shuffled":  # the control's genotypes are judged by their shares alone
                 runs = [train(recipe, r["name"], r["genotype"], s, work) for s in train_seeds]
                 r["test_acc"] = statistics.fmean(x["test_acc"] for x in runs)

@@ -413,10 +413,14 @@ class Genotype:
         concat = list(range(2, 2 + nodes))
         return cls(cells["normal"], concat, cells["reduce"], list(concat))
 
+    def share(self, ops) -> dict[str, float]:
+        """Share of each cell type's edges that carry one of `ops` (e.g. a planted task's op family)."""
+        return {t: sum(op in ops for op, _ in getattr(self, t)) / len(getattr(self, t)) for t in CELL_TYPES}
+
     def param_free_fraction(self) -> dict[str, float]:
         """Share of each cell type's edges that carry a parameter-free op (pooling, skip_connect): 1.0 is the
         collapse DARTS users report (AutoDL-Projects#58, PC-DARTS#21)."""
-        return {t: sum(op in PARAMETER_FREE for op, _ in getattr(self, t)) / len(getattr(self, t)) for t in CELL_TYPES}
+        return self.share(PARAMETER_FREE)
 
     def to_json(self) -> dict:
         return {"normal": [list(x) for x in self.normal], "normal_concat": self.normal_concat,

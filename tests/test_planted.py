@@ -101,7 +101,7 @@ def test_family_share_sign_test_and_margins(planted):
     cell = [("sep_conv_3x3", 0), ("max_pool_3x3", 1), ("sep_conv_5x5", 0), ("skip_connect", 2),
             ("avg_pool_3x3", 1), ("dil_conv_3x3", 3), ("sep_conv_3x3", 2), ("max_pool_3x3", 4)]
     g = Genotype(cell, [2, 3, 4, 5], list(cell), [2, 3, 4, 5])
-    share = planted.family_share(g, PLANTED["planted-lag"][1])
+    share = g.share(PLANTED["planted-lag"][1])
     assert share == {"normal": 0.5, "reduce": 0.5}
     assert planted.sign_test(6, 6) == pytest.approx(1 / 64) and planted.sign_test(0, 6) == 1.0
     assert planted.sign_test(5, 6) == pytest.approx(7 / 64)
@@ -136,7 +136,7 @@ def test_quick_protocol_writes_shares_margins_and_a_verdict(planted, tmp_path, m
     assert set(rows) == {"random0", "random1", "random2", "searched0"}
     searched = rows["searched0"]
     g = Genotype.from_json(searched["genotype_json"])
-    assert searched["share_normal"] == planted.family_share(g, PLANTED["planted-lag"][1])["normal"]
+    assert searched["share_normal"] == g.share(PLANTED["planted-lag"][1])["normal"]
     assert len(searched["decided"]["normal"]) == 8 and 0 <= searched["min_p"] <= 1
     assert searched["above_p90"] == (searched["share_normal"] > data["verdict"]["random_share_p90"])
     assert data["verdict"]["real_n"] == 1 and isinstance(data["verdict"]["passes"], bool)
