@@ -39,7 +39,7 @@ import numpy as np
 
 from common import print_table, write_json
 
-from engine.arch import CELL_TYPES, Genotype
+from engine.genotype import CELL_TYPES, Genotype
 from engine.cli import TRAIN_ONLY
 from engine.config import Config, preset
 from engine.errors import AsoseError

@@ -18,7 +18,8 @@ import common  # noqa: F401
 import torch
 import torch.nn.functional as F
 
-from engine.arch import CELL_TYPES, Architecture
+from engine.arch import Architecture
+from engine.genotype import CELL_TYPES
 from engine.baseline import EagerDarts
 from engine.network import Network, count_parameters, darts_spec
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .arch import CELL_TYPES, SKIP, Architecture
+from .arch import Architecture
+from .genotype import CELL_TYPES, SKIP
 from .network import Network
 
 

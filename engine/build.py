@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from . import distributed
-from .arch import Architecture, Genotype
+from .arch import Architecture
+from .genotype import Genotype
 from .config import Config
 from .data import Dataset, load_dataset, make_loader, make_splits, train_augment
 from .errors import ConfigError

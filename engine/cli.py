@@ -109,7 +109,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .arch import Genotype
+    from .genotype import Genotype
     from .distributed import close, env_world
     from .trainer import Trainer
     _check_checkpoint_every(args)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .arch import Genotype
+from .genotype import Genotype
 from .build import build_architecture, load_data, resolve_device
 from .checkpoint import final_spec, load_checkpoint
 from .config import Config

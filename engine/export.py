@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .arch import Genotype
+from .genotype import Genotype
 from .build import load_data
 from .checkpoint import final_spec, load_checkpoint
 from .config import Config

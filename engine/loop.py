@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed, growth
-from .arch import PHASES, Genotype
+from .arch import PHASES
+from .genotype import Genotype
 from .build import Model, Run
 from .checkpoint import MetricsLog, write_json
 from .data import Cycle

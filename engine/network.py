@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import CELL_TYPES, CellWeights, Genotype, edge_index
+from .arch import CellWeights
+from .genotype import CELL_TYPES, Genotype, edge_index
 from .mixed import MixedOp
 from .ops import PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, make_op, zeros_like_layout
 

@@ -7,7 +7,6 @@ reports and tests read metrics.jsonl, never the loop.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm

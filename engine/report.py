@@ -24,7 +24,7 @@ import html
 import json
 import os
 
-from .arch import Genotype
+from .genotype import Genotype
 from .errors import DataError
 from .ops import PRIMITIVES
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .arch import Genotype
+from .genotype import Genotype
 from .build import Run, resolve_device
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import CheckpointError

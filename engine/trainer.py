@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import os
 
-from .arch import PHASES, Genotype
+from .arch import PHASES
+from .genotype import Genotype
 from .build import Model, build_run
 from .checkpoint import MetricsLog, load_checkpoint, remove_stale_temporaries, write_json
 from .config import Config

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.arch import (CELL_TYPES, NONE, SKIP, Architecture, Genotype, edge_index, num_edges, temperature)
+from engine.arch import Architecture, temperature
+from engine.genotype import CELL_TYPES, NONE, SKIP, Genotype, edge_index, num_edges
 from engine.errors import ConfigError
 from engine.ops import PRIMITIVES
 

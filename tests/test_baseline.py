@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.arch import CELL_TYPES, Architecture
+from engine.arch import Architecture
+from engine.genotype import CELL_TYPES
 from engine.baseline import EagerDarts
 from engine.network import Network, darts_spec
 

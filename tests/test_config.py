@@ -28,7 +28,7 @@ def test_every_preset_can_train_a_genotype_alone(name, tmp_path, request, monkey
     a small share of its own data set (its network and recipe as they are; batches cut to fit the data, the
     test set to its first 256 images)."""
     import engine.build
-    from engine.arch import Genotype
+    from engine.genotype import Genotype
     from engine.cli import TRAIN_ONLY
     from engine.trainer import Trainer
     small = {"fashion-mnist": ["train_subset=256"], "smoke": [], "planted": ["synthetic_train=256", "synthetic_test=64"]}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.arch import CELL_TYPES, NONE, SKIP, Architecture, Genotype
+from engine.arch import Architecture
+from engine.genotype import CELL_TYPES, NONE, SKIP, Genotype
 from engine.mixed import MixedOp
 from engine.network import NetSpec, Network, SearchCell, count_parameters, darts_spec, derive
 from engine.ops import PRIMITIVES

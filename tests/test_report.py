@@ -70,7 +70,7 @@ def test_the_cell_diagrams_hold_every_op_of_the_genotype(smoke_run, tmp_path):
 
 
 def test_dot_source_of_a_handwritten_genotype():
-    from engine.arch import Genotype
+    from engine.genotype import Genotype
     g = Genotype([("sep_conv_3x3", 0), ("skip_connect", 1), ("max_pool_3x3", 2), ("dil_conv_5x5", 0)], [2, 3],
                  [("avg_pool_3x3", 0), ("sep_conv_5x5", 1), ("skip_connect", 2), ("sep_conv_3x3", 1)], [2, 3])
     dot = cell_dot(g, "normal")

@@ -202,7 +202,7 @@ def test_static_weight_steps_replay_as_cuda_graphs(tmp_path):
 
 def test_flip_evaluation_averages_the_logits_of_image_and_mirror():
     import torch.nn.functional as F
-    from engine.arch import Genotype
+    from engine.genotype import Genotype
     from engine.network import Network, darts_spec
     from engine.steps import Steps
     g = Genotype.from_json({t: [["sep_conv_3x3", 0], ["max_pool_3x3", 1]] * 4 for t in ("normal", "reduce")}

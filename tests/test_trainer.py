@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from engine.arch import Genotype
+from engine.genotype import Genotype
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.config import preset
