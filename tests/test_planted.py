@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.arch import PRIMITIVES, Genotype
+from engine.genotype import Genotype
+from engine.ops import PRIMITIVES
 from engine.build import load_data
 from engine.config import preset
 from engine.data import load_dataset
@@ -112,6 +113,34 @@ def test_family_share_sign_test_and_margins(planted):
     assert d["normal"][1]["margin"] == pytest.approx(0.1 - 0.4)  # max_pool chosen at 0.1 where sep3 has 0.4
 
 
+def test_scored_share_pools_the_scored_cell_types_only(planted):
+    g = planted.split("max_pool_3x3", "sep_conv_5x5")
+    assert [o for o, _ in g.normal] == ["max_pool_3x3"] * 8 and [o for o, _ in g.reduce] == ["sep_conv_5x5"] * 8
+    assert [i for _, i in g.reduce] == [i for _, i in planted.homogeneous("skip_connect").reduce]
+    assert planted.scored_share(g, ("max_pool_3x3",), ("reduce",)) == 0.0
+    assert planted.scored_share(g, ("max_pool_3x3",), ("normal",)) == 1.0
+    assert planted.scored_share(g, ("max_pool_3x3",), ("normal", "reduce")) == 0.5
+    assert set(planted.SCORED) == set(PLANTED)
+
+
+def test_cells_trains_each_family_op_in_one_cell_type_at_a_time(planted, tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train(recipe, name, genotype, seed, work):
+        trained.append((name, {o for o, _ in genotype.normal}, {o for o, _ in genotype.reduce}, seed))
+        return {"test_acc": 0.5 + 0.25 * ("max_pool_3x3" in {o for o, _ in genotype.reduce}) + 0.01 * seed}
+    monkeypatch.setattr(planted, "train", fake_train)
+    out = tmp_path / "cells.json"
+    assert planted.main(["--task", "planted-polarity", "--cells", "--work", str(tmp_path), "--json", str(out)]) == 0
+    assert [t[:3] for t in trained[::2]] == [
+        ("homogeneous-skip_connect", {"skip_connect"}, {"skip_connect"}),
+        ("cells-max_pool_3x3-skip_connect", {"max_pool_3x3"}, {"skip_connect"}),
+        ("cells-skip_connect-max_pool_3x3", {"skip_connect"}, {"max_pool_3x3"})]
+    data = json.loads(out.read_text())
+    assert data["scored"] == ["reduce"]
+    assert [r["test_acc"] for r in data["records"]] == pytest.approx([0.505, 0.505, 0.755])
+
+
 def test_planted_data_command_describes_the_task(capsys):
     from engine.cli import main
     assert main(["data", "--dataset", "planted-polarity"]) == 0
@@ -138,7 +167,9 @@ def test_quick_protocol_writes_shares_margins_and_a_verdict(planted, tmp_path, m
     g = Genotype.from_json(searched["genotype_json"])
     assert searched["share_normal"] == g.share(PLANTED["planted-lag"][1])["normal"]
     assert len(searched["decided"]["normal"]) == 8 and 0 <= searched["min_p"] <= 1
-    assert searched["above_p90"] == (searched["share_normal"] > data["verdict"]["random_share_p90"])
+    # planted-lag scores both cell types, pooled
+    assert searched["share_scored"] == (searched["share_normal"] + searched["share_reduce"]) / 2
+    assert searched["above_p90"] == (searched["share_scored"] > data["verdict"]["random_share_p90"])
     assert data["verdict"]["real_n"] == 1 and isinstance(data["verdict"]["passes"], bool)
     assert all(0 <= r["test_acc"] <= 1 for r in data["records"])
 
