@@ -199,6 +199,8 @@ def read_results(path: str, recipe: Config) -> list[dict]:
         raise AsoseError(f"--import {path}: not a search_quality results file ({e.__class__.__name__}: {e}); "
                          f"pass a file that search_quality --json wrote") from None
     ours = json.loads(json.dumps(recipe.to_json()))
+    # a field added to Config after the file was written did not exist for its run: it is not a difference
+    theirs = {**{k: v for k, v in ours.items() if k not in theirs}, **theirs}
     if theirs != ours:
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise AsoseError(f"--import {path}: its recipe differs from this run's in {', '.join(diff)}; import a "

@@ -81,11 +81,19 @@ def make_deterministic(device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no deterministic kernel warns, once
 
 
+def image_options(cfg: Config) -> dict:
+    """The imagefolder reader's settings; DALI decodes on the GPU (nvJPEG) when the run uses one."""
+    gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    return dict(image_size=cfg.image_size, cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images,
+                holdout_fraction=cfg.holdout_fraction, holdout_seed=cfg.holdout_seed, device="cuda" if gpu else "cpu")
+
+
 def load_data(cfg: Config) -> Dataset:
     """The config's data set, cut to `train_subset` samples of the official training set when set, its training
     labels shuffled when `shuffle_labels` is set."""
-    dataset = load_dataset(cfg.dataset, cfg.data_dir, n_train=cfg.synthetic_train, n_test=cfg.synthetic_test,
-                           size=cfg.synthetic_size, channels=cfg.synthetic_channels, seed=cfg.seed)
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, images=image_options(cfg), n_train=cfg.synthetic_train,
+                           n_test=cfg.synthetic_test, size=cfg.synthetic_size, channels=cfg.synthetic_channels,
+                           seed=cfg.seed)
     if cfg.train_subset and cfg.train_subset < len(dataset.train_labels):
         keep = np.sort(np.random.default_rng([cfg.seed, 7]).permutation(len(dataset.train_labels))[:cfg.train_subset])
         dataset.train_images = dataset.train_images[keep]

@@ -35,6 +35,7 @@ def _add_common(p: argparse.ArgumentParser, preset_default: str | None = "fashio
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--data-dir", default=None, help="data set directory (default: the data set's usual place)")
     p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges for Nsight Systems")
+    _add_skip_bad(p)
 
 
 def _add_checkpoint_every(p: argparse.ArgumentParser) -> None:
@@ -55,6 +56,8 @@ def _config(args):
         extra.append(f"data_dir={args.data_dir}")
     if args.nvtx:
         extra.append("nvtx=true")
+    if getattr(args, "skip_bad_images", False):
+        extra.append("skip_bad_images=true")
     return cfg.override(extra)
 
 
@@ -140,7 +143,10 @@ def cmd_data(args) -> int:
     from .data import describe, load_dataset
     if args.batch_size is not None and args.batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
-    dataset = load_dataset(args.dataset, args.data_dir)
+    if args.image_size < 4:
+        raise ConfigError(f"--image-size must be at least 4, got {args.image_size}")
+    images = dict(image_size=args.image_size, cache_dir=args.cache_dir, skip_bad_images=args.skip_bad_images)
+    dataset = load_dataset(args.dataset, args.data_dir, images=images)
     print(describe(dataset, args.val_fraction, args.seed, args.batch_size))
     return 0
 
@@ -215,8 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="describe a data set: splits, shape, classes, mean/std",
                        description="Read a data set and print its split sizes, image shape, classes and "
                                    "per-channel mean/std.")
-    p.add_argument("--dataset", required=True, help="fashion-mnist, cifar10 or synthetic")
+    p.add_argument("--dataset", required=True, help="fashion-mnist, cifar10, imagefolder, synthetic or a planted task")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--image-size", type=int, default=32, help="imagefolder: the side images are resized to")
+    p.add_argument("--cache-dir", default=None, help="imagefolder: where the decoded arrays are kept")
+    _add_skip_bad(p)
     p.add_argument("--val-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="check a batch size against the data set")
@@ -247,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="file (default RUN/model.pt or RUN/model.onnx)")
     p.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_skip_bad(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="imagefolder: skip (and count) image files that do not decode instead of stopping")
 
 
 def _add_tensorboard(p: argparse.ArgumentParser) -> None:

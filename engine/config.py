@@ -15,8 +15,13 @@ from .errors import ConfigError
 @dataclass
 class Config:
     # ---- data
-    dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | synthetic | planted-lag | planted-polarity
+    dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | imagefolder | synthetic | planted-lag | planted-polarity
     data_dir: str | None = None           # default: /usr/share/datasets/fashion-mnist for fashion-mnist
+    image_size: int = 32                  # imagefolder: side the images are resized (shorter side) and centre-cropped to
+    cache_dir: str | None = None          # imagefolder: decoded arrays kept here; None: $XDG_CACHE_HOME/aso-se
+    holdout_fraction: float = 0.1         # imagefolder without test/ or val/: share of train held out as test ...
+    holdout_seed: int = 0                 # ... drawn with this seed (not the run's: the test set stays put)
+    skip_bad_images: bool = False         # imagefolder: skip (and count) files that do not decode, not stop
     val_fraction: float = 0.5             # share of the official training set used for architecture steps
     loader: str = "dali"                  # dali (the feeding path) | torch (baseline) | tensor
     flip: bool | None = None              # horizontal flip; None: the data set's default (on for CIFAR-10)
@@ -181,6 +186,8 @@ class Config:
              "must be 0 (the supernet's width) or an even channel count")
         need(self.optimize_channels == 0 or self.optimize_init == "fresh", "optimize_channels",
              "a derived network of another width starts from a fresh init: add --set optimize_init=fresh")
+        need(self.image_size >= 4, "image_size", "the side images are resized to: at least 4 px")
+        need(0.0 < self.holdout_fraction < 1.0, "holdout_fraction", "a share of the training images: in (0, 1)")
         need(self.max_skip >= -1, "max_skip", "must be -1 (no cap) or a count")
         need(self.max_skip_reduce >= -1, "max_skip_reduce", "must be -1 (no cap) or a count")
         need(self.max_param_free >= -1, "max_param_free", "must be -1 (no cap) or a count")
@@ -263,7 +270,7 @@ PRESETS: dict[str, dict] = {
     #   against 93.44% without), label smoothing, optimize_lr 0.1 (93.51%; 0.05: 93.44%, one run each, within
     #   noise), flip TTA at test (+0.15). 8 epochs, not 10: the 2-core machines differ (84 s per optimize epoch
     #   on the slower ones, 2m19s for the search part; 10 epochs came to about 16.5 minutes there).
-    "fashion-mnist": dict(channels=6, layers=5, stem_stride=2, batch_size=64, flip=True,
+    "fashion-mnist": dict(image_size=28, channels=6, layers=5, stem_stride=2, batch_size=64, flip=True,
                           warmup_epochs=1, search_epochs=1, growth_epochs=0.5, optimize_epochs=8, crop_pad=0,
                           grow_kinds="width", grow_width_factor=1.3, max_channels=8,
                           init_std=0.1, skip_init=0.5, max_skip_reduce=2, max_param_free=2, arch_start_epochs=0.5,
@@ -283,7 +290,7 @@ PRESETS: dict[str, dict] = {
                     growth_epochs=0, optimize_epochs=2, optimize_init="fresh", optimize_batch_size=64,
                     lr=0.05, optimize_lr=0.05, loader="tensor", max_skip=-1),
     # Synthetic data, tiny network: the whole pipeline in well under a minute.
-    "smoke": dict(dataset="synthetic", synthetic_size=12, synthetic_train=512, synthetic_test=256, channels=4,
+    "smoke": dict(dataset="synthetic", synthetic_size=12, image_size=12, synthetic_train=512, synthetic_test=256, channels=4,
                   layers=3, batch_size=32, eval_batch_size=128, optimize_batch_size=32, warmup_epochs=1,
                   search_epochs=1, growth_epochs=1, optimize_epochs=1, lr=0.05, optimize_lr=0.05,
                   arch_lr=3e-3, loader="tensor", max_channels=8, max_cells=5,

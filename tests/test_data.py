@@ -311,7 +311,7 @@ def test_cifar_batch_that_is_not_a_pickle(capsys, tmp_path):
 def test_unknown_dataset_name(capsys):
     code, err = _run(["data", "--dataset", "imagenet"], capsys)
     assert code == 2
-    _one_line_error(err, "'imagenet'", "fashion-mnist, cifar10, synthetic")
+    _one_line_error(err, "'imagenet'", "fashion-mnist, cifar10, imagefolder, synthetic")
     with pytest.raises(DataError):
         load_dataset("imagenet")
 

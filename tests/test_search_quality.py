@@ -68,6 +68,20 @@ def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, 
     assert [r["per_seed"] for r in imported] == [r["per_seed"] for r in rows]
     assert [r["per_seed_train_s"] for r in imported] == [r["per_seed_train_s"] for r in rows]
     assert len(list(fresh.glob("train-*.json"))) == 4
+    # a file written before a config field existed (its recipe lacks it: it had the default) still imports
+    older = json.loads(out.read_text())
+    for field in ("image_size", "cache_dir", "holdout_fraction"):
+        del older["protocol"]["recipe"][field]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    older_work = tmp_path / "older"
+    older_work.mkdir()
+    shutil.copy(search_record, older_work)
+    def no_training(*a, **k):
+        raise AssertionError("trained although the imported file held the training")
+    with monkeypatch.context() as m:
+        m.setattr(sq, "Trainer", no_training)
+        assert sq.main(["--quick", "--work", str(older_work), "--import", str(tmp_path / "older.json")]) == 0
+    assert len(list(older_work.glob("train-*.json"))) == 4
     # ... and a file of another recipe is refused in one line that names what differs
     capsys.readouterr()
     assert sq.main(["--quick", "--work", str(tmp_path / "other"), "--set", "batch_size=16", "--import", str(out)]) != 0

@@ -44,6 +44,14 @@ def describe(dataset: Dataset, val_fraction: float, seed: int, batch_size: int |
              "mean         " + " ".join(f"{m:.3f}" for m in dataset.mean) + "  (0-255, per channel)",
              "std          " + " ".join(f"{s:.3f}" for s in dataset.std),
              f"augment      pad {dataset.pad} px random crop, flip {'on' if dataset.flip else 'off'} by default"]
+    if dataset.source:
+        src = dataset.source
+        how = (f"read from the cache {src['cache']}" if src["cached"] else
+               "decoded by DALI" + (f", cached in {src['cache']}" if src["cache"] else ", not cached"))
+        lines.append(f"source       {src['path']}: {how} in {src['seconds']:.2f} s"
+                     + (f"; {len(src['skipped'])} bad file(s) skipped" if src["skipped"] else "")
+                     + (f"; test = {src['holdout']['fraction']:g} of train held out (seed {src['holdout']['seed']})"
+                        if src["holdout"] else ""))
     if batch_size:
         parts = []
         for name, (_, labels) in splits.items():
