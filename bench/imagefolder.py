@@ -3,6 +3,7 @@ against torchvision's.
 
     python bench/imagefolder.py --write /tmp/fm-png --format png              # all 70,000 images as PNG files
     python bench/imagefolder.py --write /tmp/fm-jpg --format jpg --limit 12000
+    python bench/imagefolder.py --write /tmp/fm-jpg256 --format jpg --limit 1800 --side 256   # larger colour files
     python bench/imagefolder.py --decode /tmp/fm-png --decode /tmp/fm-jpg --json bench/results/decode.json
 
 `--write` names each file by its index in the idx file and each class folder `<label>_<name>`, so the folder's
@@ -28,7 +29,7 @@ from engine.data import load_dataset
 from engine.data.imagefolder import _Decoder, scan
 
 
-def write_fashion_mnist(out: str, fmt: str, limit: int | None) -> int:
+def write_fashion_mnist(out: str, fmt: str, limit: int | None, side: int = 28) -> int:
     from PIL import Image
     d = load_dataset("fashion-mnist")
     names = [f"{k}_{c.replace('/', '_').replace(' ', '_')}" for k, c in enumerate(d.classes)]
@@ -39,7 +40,12 @@ def write_fashion_mnist(out: str, fmt: str, limit: int | None) -> int:
             os.makedirs(os.path.join(out, split, name), exist_ok=True)
         for i in range(count):
             path = os.path.join(out, split, names[labels[i]], f"{i:05d}.{fmt}")
-            Image.fromarray(images[i, :, :, 0]).save(path, **({"quality": 95} if fmt == "jpg" else {}))
+            img = Image.fromarray(images[i, :, :, 0])
+            if side != 28:  # larger files: the image scaled up, in colour (a tint per class)
+                tint = np.array([1.0, 0.6 + 0.04 * labels[i], 1.0 - 0.05 * labels[i]])
+                img = Image.fromarray((np.asarray(img.resize((side, side), Image.BILINEAR))[..., None]
+                                       * tint).astype(np.uint8))
+            img.save(path, **({"quality": 95} if fmt == "jpg" else {}))
         n += count
     return n
 
@@ -73,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", default=None, metavar="DIR", help="write Fashion-MNIST as an ImageFolder directory")
     p.add_argument("--format", default="png", choices=("png", "jpg"))
     p.add_argument("--limit", type=int, default=None, help="training images to write (test: a sixth of it)")
+    p.add_argument("--side", type=int, default=28, help="write the images scaled to SIDE x SIDE, in colour")
     p.add_argument("--decode", action="append", default=[], metavar="DIR", help="time the decoders on DIR")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.write:
         t = time.perf_counter()
-        n = write_fashion_mnist(args.write, args.format, args.limit)
+        n = write_fashion_mnist(args.write, args.format, args.limit, args.side)
         print(f"wrote {n:,} {args.format} files under {args.write} in {time.perf_counter() - t:.1f} s")
     if args.decode:
         rows = [time_decoders(folder, args.repeats) for folder in args.decode]

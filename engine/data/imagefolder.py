@@ -12,7 +12,8 @@ written out with its index as the file name keeps its order (the arrays of Fashi
 that way equal the idx files').
 
 Decoding: DALI's `fn.decoders.image` (`device="mixed"`, nvJPEG, on a GPU; `"cpu"` otherwise), channels as
-the files have them (all grayscale: 1 channel; otherwise RGB, a grayscale or RGBA file converted, said once).
+the files' headers declare them (all grayscale: 1 channel; otherwise RGB, grayscale, RGBA and CMYK files
+converted by the decoder, said once).
 An image that is not `image_size` x `image_size` is resized with its shorter side to `image_size` (linear
 interpolation with antialiasing) and centre-cropped; one that is already that size is kept as decoded, bit
 for bit. A file DALI cannot decode is named (one line, exit 2), or skipped and counted with
@@ -42,6 +43,7 @@ from ..errors import DataError
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pnm", ".tif", ".tiff", ".webp")
 FORMAT = 1            # bump when the cached arrays would change for the same files and settings
 DECODE_BATCH = 256
+READ_HEADERS = (".png", ".jpg", ".jpeg", ".pgm")   # formats whose channel count header_channels reads
 
 
 def default_cache_dir() -> str:
@@ -132,11 +134,11 @@ def holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray,
 
 # --------------------------------------------------------------------------------------------- decode
 class _Decoder:
-    """DALI pipelines fed encoded bytes from Python: decode (channels as the file has them), and resize the
-    shorter side plus centre crop for the images that need it."""
+    """DALI pipelines fed encoded bytes from Python: decode (to one channel or to RGB), and resize the shorter
+    side plus centre crop for the images that need it."""
 
-    def __init__(self, size: int, device: str):
-        self.size, self.gpu = size, device == "cuda"
+    def __init__(self, size: int, device: str, gray: bool = False):
+        self.size, self.gpu, self.gray = size, device == "cuda", gray
         self._decode = self._resize = None
 
     def _device_id(self):
@@ -152,7 +154,9 @@ class _Decoder:
                       prefetch_queue_depth=1)
         def pipe():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, no_copy=False)
-            images = fn.decoders.image(encoded, device="mixed" if self.gpu else "cpu", output_type=types.ANY_DATA)
+            # GRAY or RGB, never ANY_DATA: DALI 2.4's CPU decoder corrupts the heap on grayscale JPEGs with it
+            images = fn.decoders.image(encoded, device="mixed" if self.gpu else "cpu",
+                                       output_type=types.GRAY if self.gray else types.RGB)
             return images
         p = pipe()
         p.build()
@@ -177,7 +181,7 @@ class _Decoder:
         return [np.array(out[i]) for i in range(len(out))]
 
     def decode(self, blobs: list[np.ndarray]) -> list[np.ndarray]:
-        """HWC uint8 arrays, channels as decoded; raises RuntimeError (DALI's) if any blob fails."""
+        """HWC uint8 arrays; raises RuntimeError (DALI's) if any blob fails."""
         if self._decode is None:
             self._decode = self._build_decode()
         self._decode.feed_input("encoded", blobs)
@@ -219,8 +223,9 @@ def _reason(native: str, e: Exception) -> str:
     lines = [s.replace("[ERROR]", "").strip() for s in lines if s]
     if lines:
         return lines[-1][:160]
-    text = [s.strip() for s in str(e).splitlines() if s.strip()]
-    return (text[-1] if text else type(e).__name__)[:160]
+    text = [s.strip() for s in str(e).splitlines() if s.strip() and "no longer valid" not in s]
+    after = text[text.index("encountered:") + 1:] if "encountered:" in text else []
+    return (after[0] if after else text[-1] if text else type(e).__name__)[:160]
 
 
 def _decode_one(decoder: _Decoder, file: str, blob: np.ndarray, skip_bad: bool, bad: list) -> np.ndarray | None:
@@ -239,11 +244,12 @@ def _decode_one(decoder: _Decoder, file: str, blob: np.ndarray, skip_bad: bool, 
         return None
 
 
-def decode_files(files: list[str], size: int, device: str = "cpu", skip_bad: bool = False,
+def decode_files(files: list[str], size: int, device: str = "cpu", skip_bad: bool = False, gray: bool = False,
                  progress=None) -> tuple[list[np.ndarray | None], list[tuple[str, str]]]:
-    """Per file its decoded, resized HWC uint8 array (None for a skipped bad file), and the bad files with
-    DALI's reason. A batch that fails is decoded again one file at a time to name the culprit."""
-    decoder = _Decoder(size, device)
+    """Per file its decoded (one channel with `gray`, else RGB), resized HWC uint8 array (None for a skipped bad
+    file), and the bad files with DALI's reason. A batch that fails is decoded again one file at a time to
+    name the culprit."""
+    decoder = _Decoder(size, device, gray)
     out: list[np.ndarray | None] = []
     bad: list[tuple[str, str]] = []
     for start in range(0, len(files), DECODE_BATCH):
@@ -266,23 +272,46 @@ def decode_files(files: list[str], size: int, device: str = "cpu", skip_bad: boo
     return out, bad
 
 
-def _to_channels(images: list[np.ndarray | None], files: list[str]) -> tuple[int, list[np.ndarray | None]]:
-    """All grayscale: 1 channel. Otherwise RGB: grayscale repeated, alpha dropped (said once)."""
-    counts = {}
-    for a in images:
-        if a is not None:
-            counts[a.shape[2]] = counts.get(a.shape[2], 0) + 1
-    if set(counts) <= {1}:
-        return 1, images
-    if set(counts) != {3}:
-        said = ", ".join(f"{n:,} with {c} channel{'s' if c > 1 else ''}" for c, n in sorted(counts.items()))
-        _say(f"the images are mixed ({said}); all are converted to RGB")
+def header_channels(blob: np.ndarray) -> int | None:
+    """The channels a file's header declares, without decoding: 1 (grayscale, with or without alpha), 3 (colour,
+    palette), 4 (CMYK JPEG) or None (a format whose header is not read here, or not an image: decoded as RGB)."""
+    head = blob[:4096].tobytes()
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) > 25:
+        return {0: 1, 4: 1, 2: 3, 3: 3, 6: 3}.get(head[25])
+    if head[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(head):
+            if head[i] != 0xFF:
+                return None
+            marker = head[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            length = int.from_bytes(head[i + 2:i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                return head[i + 9]       # SOF: length, precision, height, width, then the component count
+            i += 2 + length
+        return None
+    if head[:2] in (b"P2", b"P5"):
+        return 1
+    return None
 
-    def rgb(a):
-        if a is None or a.shape[2] == 3:
-            return a
-        return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else np.ascontiguousarray(a[..., :3])
-    return 3, [rgb(a) for a in images]
+
+def _channels(blobs: list[np.ndarray], files: list[str]) -> int:
+    """1 when every file's header says grayscale; otherwise 3 (RGB), said once when the files are mixed."""
+    counts: dict[int | None, int] = {}
+    for b, f in zip(blobs, files):
+        c = header_channels(b)
+        if c is None and f.lower().endswith(READ_HEADERS):
+            continue  # a PNG or JPEG whose header does not parse does not decode either: it is named then
+        counts[c] = counts.get(c, 0) + 1
+    if set(counts) == {1}:
+        return 1
+    if 1 in counts or 4 in counts:
+        said = ", ".join(f"{n:,} {'grayscale' if c == 1 else 'CMYK' if c == 4 else 'colour or other'}"
+                         for c, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)))
+        _say(f"the images are mixed ({said}); all are decoded to RGB")
+    return 3
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -369,8 +398,8 @@ def read_imagefolder(path: str, image_size: int, cache_dir: str | None = None, s
     def progress(done, total):
         if done % step < DECODE_BATCH and done < total:
             _say(f"  {done:,} / {total:,} decoded ({time.perf_counter() - t0:.0f} s)")
-    images, bad = decode_files(files, image_size, device, skip_bad, progress)
-    channels, images = _to_channels(images, files)
+    channels = _channels([np.fromfile(f, dtype=np.uint8, count=4096) for f in files], files)
+    images, bad = decode_files(files, image_size, device, skip_bad, channels == 1, progress)
     if bad:
         _say(f"skipped {len(bad):,} image(s) that do not decode (first: {bad[0][0]}: {bad[0][1]})")
     keep = np.array([a is not None for a in images])
