@@ -1,5 +1,5 @@
 """The Makefile's own logic, run by make: `make run` after a finished run starts a new run directory beside it and
-leaves the finished one as it was (README "The main job")."""
+leaves the finished one as it was (README "Two commands", docs/running.md)."""
 from __future__ import annotations
 
 import hashlib

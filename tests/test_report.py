@@ -155,14 +155,14 @@ def test_the_exported_model_loads_without_aso_se_and_reproduces_the_run(smoke_ru
     for batch in ("1", "3", "256"):  # batch sizes other than the export's (2)
         assert outs[batch].shape == ref.shape
         assert float(np.abs(outs[batch] - ref).max()) <= 1e-4, batch
-    if fmt == "onnx":  # the default opset is the one the README names (chosen by measurement there)
+    if fmt == "onnx":  # the default opset is the one docs/running.md names (chosen by measurement there)
         import onnx
 
         from engine.export import ONNX_OPSET
         opsets = {o.domain: o.version for o in onnx.load(result["file"]).opset_import}
         assert opsets[""] == ONNX_OPSET
-        readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
-        assert f"(ONNX, opset {ONNX_OPSET})" in readme and f"ONNX opset {ONNX_OPSET} (default)" in readme
+        doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "running.md")).read()
+        assert f"(ONNX, opset {ONNX_OPSET})" in doc and f"ONNX opset {ONNX_OPSET} (default)" in doc
 
 
 def test_an_export_that_does_not_reproduce_the_run_exits_3_naming_the_file(smoke_run, tmp_path, capsys, monkeypatch):
