@@ -39,7 +39,7 @@ import numpy as np
 from common import print_table, write_json
 from search_quality import search, summarize, train
 
-from engine.genotype import CELL_TYPES, NONE, Genotype, edge_index
+from engine.genotype import CELL_TYPES, NONE, Genotype, edge_index, num_edges
 from engine.ops import PRIMITIVES
 from engine.cli import TRAIN_ONLY
 from engine.config import preset
@@ -81,6 +81,17 @@ def decidedness(genotype: Genotype, probabilities: dict[str, list[list[float]]])
             rows.append({"op": op, "input": src, "p": round(p[chosen], 4), "p_second": round(other, 4),
                          "margin": round(p[chosen] - other, 4)})
         out[t] = rows
+    return out
+
+
+def decided_for(family, probabilities: dict[str, list[list[float]]], p_min: float = 0.5) -> dict[str, int]:
+    """Per cell type, the edges (all of them, derived or not) whose most likely op is in `family` at
+    probability >= p_min (0.5: four times uniform): where the search has made up its mind for the family."""
+    out = {}
+    for t in CELL_TYPES:
+        rows = probabilities[t]
+        out[t] = sum(1 for row in rows if PRIMITIVES[max(range(len(row)), key=row.__getitem__)] in family
+                     and max(row) >= p_min)
     return out
 
 
@@ -198,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 found = search(cfg_k, s, work)
                 g = Genotype.from_json(found["genotype"])
                 rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
-                             "decided": decidedness(g, found["probabilities"])})
+                             "decided": decidedness(g, found["probabilities"]),
+                             "decided_family": decided_for(family, found["probabilities"])})
         for r in rows:
             r["share"] = r["genotype"].share(family)
             if r["kind"] != "shuffled":  # the control's genotypes are judged by their shares alone
@@ -221,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             derived = [e for t in CELL_TYPES for e in r["decided"][t]]
             r["min_margin"] = min(e["margin"] for e in derived)
             r["min_p"] = min(e["p"] for e in derived)
+            r["family_edges"] = sum(r["decided_family"].values())
     real = [r for r in rows if r["kind"] == "searched"]
     shuffled = [r for r in rows if r["kind"] == "shuffled"]
     random_accs = [r["test_acc"] for r in rows if r["kind"] == "random"]
@@ -231,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = {"scored_cells": list(scored), "random_share_p90": p90, "random_share_mean": statistics.fmean(random_share),
                "real_above_p90": n_above, "real_n": len(real), "sign_test_p": sign_test(n_above, len(real)),
                "shuffled_above_p90": sum(r["above_p90"] for r in shuffled), "shuffled_n": len(shuffled),
+               "family_edges_real": [r["family_edges"] for r in real],
+               "family_edges_shuffled": [r["family_edges"] for r in shuffled],
                "random_acc_mean": acc["random_mean"], "random_acc_sd": acc["random_sd"],
                "searched_acc_mean": mean_real, "searched_sds_above_random": sds}
     verdict["passes"] = bool(real) and n_above == len(real) and sds is not None and sds > 2 \
@@ -239,12 +254,15 @@ def main(argv: list[str] | None = None) -> int:
         r["genotype_json"], r["genotype"] = r["genotype"].to_json(), str(r["genotype"])
         r["share_normal"], r["share_reduce"] = r["share"]["normal"], r["share"]["reduce"]
     print_table([{**r, "test_acc": None if r.get("test_acc") is None else 100 * r["test_acc"]} for r in rows],
-                ["name", "kind", "share_normal", "share_reduce", "share_scored", "above_p90", "min_p", "min_margin", "test_acc"],
+                ["name", "kind", "share_normal", "share_reduce", "share_scored", "above_p90", "family_edges", "min_p",
+                 "min_margin", "test_acc"],
                 title=f"{args.task}: planted family {'+'.join(family)}, {epochs:g} training epoch(s), seeds "
                       f"{train_seeds}")
     print(f"random shares of the scored cells ({'+'.join(scored)}): mean {verdict['random_share_mean']:.3f}, 90th percentile {p90:.3f}")
     print(f"real labels: {n_above}/{len(real)} searches above it (sign test p = {verdict['sign_test_p']:.4f}); "
           f"shuffled labels: {verdict['shuffled_above_p90']}/{len(shuffled)}")
+    print(f"edges decided for the family (top op in it at p >= 0.5, of {2 * num_edges(cfg.nodes)} per search): "
+          f"real {verdict['family_edges_real']}, shuffled {verdict['family_edges_shuffled']}")
     if sds is not None:
         print(f"accuracy: searched {100 * mean_real:.2f}% against random {100 * acc['random_mean']:.2f} +- "
               f"{100 * acc['random_sd']:.2f}% ({sds:+.2f} random sds)")

@@ -111,6 +111,12 @@ def test_family_share_sign_test_and_margins(planted):
     first = d["normal"][0]
     assert first["op"] == "sep_conv_3x3" and first["p"] == 0.4 and first["p_second"] == 0.1 and first["margin"] == 0.3
     assert d["normal"][1]["margin"] == pytest.approx(0.1 - 0.4)  # max_pool chosen at 0.1 where sep3 has 0.4
+    # decided edges: the top op in the family at p >= 0.5, counted over every edge of each cell type
+    sure, unsure = [0.0, 0.1, 0.05, 0.05, 0.0, 0.6, 0.1, 0.1], [0.0, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1, 0.1]
+    free = [0.0, 0.7, 0.1, 0.1, 0.0, 0.0, 0.0, 0.1]
+    counts = planted.decided_for(PLANTED["planted-lag"][1], {"normal": [sure] * 3 + [unsure] * 11,
+                                                            "reduce": [free] * 13 + [sure]})
+    assert counts == {"normal": 3, "reduce": 1}
 
 
 def test_scored_share_pools_the_scored_cell_types_only(planted):
@@ -167,6 +173,8 @@ def test_quick_protocol_writes_shares_margins_and_a_verdict(planted, tmp_path, m
     g = Genotype.from_json(searched["genotype_json"])
     assert searched["share_normal"] == g.share(PLANTED["planted-lag"][1])["normal"]
     assert len(searched["decided"]["normal"]) == 8 and 0 <= searched["min_p"] <= 1
+    assert searched["family_edges"] == sum(searched["decided_family"].values())
+    assert data["verdict"]["family_edges_real"] == [searched["family_edges"]]
     # planted-lag scores both cell types, pooled
     assert searched["share_scored"] == (searched["share_normal"] + searched["share_reduce"]) / 2
     assert searched["above_p90"] == (searched["share_scored"] > data["verdict"]["random_share_p90"])
