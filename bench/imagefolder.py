@@ -20,13 +20,13 @@ import os
 import sys
 import time
 
-import common  # noqa: F401  (puts the project on sys.path)
-from common import print_table, write_json
+from common import print_table, write_json  # (puts the project on sys.path)
 import numpy as np
 import torch
 
 from engine.data import load_dataset
-from engine.data.imagefolder import _Decoder, scan
+from engine.data.decode import Decoder
+from engine.data.imagefolder import scan
 
 
 def write_fashion_mnist(out: str, fmt: str, limit: int | None, side: int = 28) -> int:
@@ -58,7 +58,7 @@ def time_decoders(folder: str, repeats: int) -> dict:
     ext = os.path.splitext(files[0])[1].lstrip(".")
     size = min(np.array(decode_image(torch.from_numpy(blobs[0]))).shape[1:])
     torch.set_num_threads(1)
-    dali = _Decoder(size, "cpu")
+    dali = Decoder(size, "cpu")
     best = {"dali": float("inf"), "torchvision": float("inf")}
     for _ in range(repeats):
         t = time.perf_counter()

@@ -121,7 +121,7 @@ def test_mixed_channels_are_converted_to_rgb_and_said_once(tmp_path, capsys):
 @pytest.mark.parametrize("mode,fmt,want", [("L", "png", 1), ("LA", "png", 1), ("RGB", "png", 3), ("RGBA", "png", 3),
                                            ("P", "png", 3), ("L", "jpg", 1), ("RGB", "jpg", 3), ("CMYK", "jpg", 4)])
 def test_header_channels_reads_png_and_jpeg_headers(mode, fmt, want, tmp_path):
-    from engine.data.imagefolder import header_channels
+    from engine.data.decode import header_channels
     path = tmp_path / f"x.{fmt}"
     Image.new(mode, (9, 7)).save(path)
     assert header_channels(np.fromfile(path, dtype=np.uint8)) == want

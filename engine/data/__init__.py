@@ -10,8 +10,9 @@ import numpy as np
 
 from .loaders import (LOADERS, Augment, Batch, Cycle, DaliLoader, EpochPlan, TensorLoader, TorchLoader,
                       augment_reference, make_loader, num_batches, split_indices)
-from .readers import (DATASETS, FASHION_MNIST_DIR, Dataset, channel_stats, load_dataset, make_synthetic,
-                      read_cifar10, read_cifar_batch, read_fashion_mnist, read_idx)
+from .readers import (DATASETS, FASHION_MNIST_DIR, Dataset, load_dataset, make_synthetic, read_cifar10,
+                      read_cifar_batch, read_fashion_mnist, read_idx)
+from .stats import channel_stats
 
 
 def make_splits(dataset: Dataset, val_fraction: float, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import DataError
 from .planted import PLANTED, make_planted
+from .stats import channel_stats
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -49,22 +50,6 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 NHWC images, accumulated in float64 chunks (no full float copy)."""
-    c = images.shape[-1]
-    total = np.zeros(c)
-    total_sq = np.zeros(c)
-    count = 0
-    for start in range(0, len(images), chunk):
-        block = images[start:start + chunk].reshape(-1, c).astype(np.float64)
-        total += block.sum(0)
-        total_sq += (block * block).sum(0)
-        count += block.shape[0]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-12))
-    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 # ---------------------------------------------------------------------------------------- Fashion-MNIST
