@@ -264,7 +264,11 @@ class Architecture(nn.Module):
         return active
 
     def derived_weights(self) -> dict[str, CellWeights]:
-        geno = self.genotype()
+        return self.genotype_weights(self.genotype())
+
+    def genotype_weights(self, geno: Genotype) -> dict[str, CellWeights]:
+        """One-hot edge weights that fix the supernet to `geno` (any genotype of this cell space: the derived
+        one, or one whose shared-weight accuracy a ranking asks for)."""
         out = {}
         for t in CELL_TYPES:
             choice: list[int | None] = [None] * self.edges

@@ -294,13 +294,15 @@ class Steps:
         return eager() if self.compiling else contextlib.nullcontext()
 
     @torch.no_grad()
-    def evaluate(self, loader, phase: str | None = None, flip: bool = False) -> tuple[float, float]:
+    def evaluate(self, loader, phase: str | None = None, flip: bool = False, sample=None) -> tuple[float, float]:
         """(mean loss, accuracy) in eval mode. The supernet is evaluated at `phase`'s constant weights
-        ("warmup": all skip_connect, "argmax": most likely ops, "derive": the genotype). `flip`: test-time
-        augmentation, the mean of the logits of each image and its mirror (for networks trained with flips)."""
+        ("warmup": all skip_connect, "argmax": most likely ops, "derive": the genotype), or at `sample` when
+        given (e.g. `Architecture.genotype_weights`). `flip`: test-time augmentation, the mean of the logits of
+        each image and its mirror (for networks trained with flips)."""
         average_buffers_(self.net, self.world)  # data-parallel: every rank evaluates the same network
         self.net.eval()
-        sample = self.arch.sample(phase) if self.net.is_supernet else None
+        if sample is None and self.net.is_supernet:
+            sample = self.arch.sample(phase)
         sums, count = None, 0   # (loss sum, correct) on the device, read once at the end
         with self.eager():
             for x, y in loader:
@@ -325,9 +327,9 @@ class Steps:
         return self.net(self._input(x), sample) if sample is not None else self.net(self._input(x))
 
     @torch.no_grad()
-    def recalibrate_bn(self, loader, batches: int, phase: str | None = None) -> None:
-        """Re-estimate BatchNorm running statistics for the architecture `phase` evaluates (a one-shot NAS
-        habit: shared BN statistics were gathered under other sampled architectures)."""
+    def recalibrate_bn(self, loader, batches: int, phase: str | None = None, sample=None) -> None:
+        """Re-estimate BatchNorm running statistics for the architecture `phase` evaluates, or `sample` (a
+        one-shot NAS habit: shared BN statistics were gathered under other sampled architectures)."""
         if batches <= 0:
             return
         bns = [m for m in self.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -336,7 +338,8 @@ class Steps:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calibration batches
         self.net.train()
-        sample = self.arch.sample(phase) if self.net.is_supernet else None
+        if sample is None and self.net.is_supernet:
+            sample = self.arch.sample(phase)
         with self.eager():
             for i, (x, _) in enumerate(loader):
                 if i >= batches:
