@@ -9,11 +9,11 @@ Every genotype of a protocol's results file (bench/planted.py or bench/search_qu
 genotype and its standalone test accuracy, trained from scratch with the protocol's recipe) is evaluated with
 the search's shared weights: the supernet of `--checkpoint` fixed to that genotype (one-hot edge weights,
 `Architecture.genotype_weights`), on the val split (`--split`), twice: with the BatchNorm statistics the
-search left, and with them re-estimated on `--bn-batches` training batches for that genotype alone (restored
-afterwards). Kendall's tau-b and Spearman's rho between the shared-weight accuracies and the standalone ones
-are printed with a bootstrap 95% interval (genotypes resampled, `--bootstrap` times, seeded). Sciuto et al.
-(ICLR 2020) measured tau 0.195 in the DARTS CNN space; BN re-estimation is the one-shot habit that raised such
-correlations in later work.
+search left, and with them re-estimated for that genotype alone on the first `--bn-batches` training batches
+(the same ones for every genotype), restored afterwards. Kendall's tau-b and Spearman's rho between the
+shared-weight accuracies and the standalone ones are printed with a bootstrap 95% interval (genotypes
+resampled, `--bootstrap` times, seeded). Sciuto et al. (ICLR 2020) measured tau 0.195 in the DARTS CNN space;
+BN re-estimation is the one-shot habit that raised such correlations in later work.
 """
 from __future__ import annotations
 
@@ -116,16 +116,17 @@ def supernet(path: str, device: str = "cpu") -> tuple[Config, Steps]:
 
 
 def shared_accuracies(steps: Steps, genotypes: list[Genotype], evaluate, calibrate, bn_batches: int) -> list[dict]:
-    """Per genotype: val accuracy with the search's BN statistics and with them re-estimated for it alone."""
+    """Per genotype: val accuracy and loss with the search's BN statistics and with them re-estimated for it
+    alone."""
     bn = {k: v.clone() for k, v in steps.net.state_dict().items() if "running_" in k or "num_batches" in k}
     out = []
     for g in genotypes:
         sample = steps.arch.genotype_weights(g)
-        _, plain = steps.evaluate(evaluate, sample=sample)
+        plain_loss, plain = steps.evaluate(evaluate, sample=sample)
         steps.recalibrate_bn(calibrate, bn_batches, sample=sample)
-        _, recal = steps.evaluate(evaluate, sample=sample)
+        recal_loss, recal = steps.evaluate(evaluate, sample=sample)
         steps.net.load_state_dict(bn, strict=False)   # the next genotype starts from the search's statistics
-        out.append({"shared": plain, "shared_bn": recal})
+        out.append({"shared": plain, "shared_bn": recal, "shared_loss": plain_loss, "shared_bn_loss": recal_loss})
     return out
 
 
@@ -150,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         augment = train_augment(dataset)
         evaluate = make_loader("tensor", x, y, cfg.eval_batch_size, train=False, augment=augment, seed=cfg.seed)
         tx, ty = splits["train"]
-        calibrate = make_loader("tensor", tx, ty, cfg.batch_size, train=True, augment=augment, seed=cfg.seed)
+        # the same training batches for every genotype (in order, not augmented): their statistics differ only
+        # by the architecture
+        calibrate = make_loader("tensor", tx, ty, cfg.batch_size, train=False, augment=augment, seed=cfg.seed)
         for r, acc in zip(rows, shared_accuracies(steps, [r["genotype"] for r in rows], evaluate, calibrate,
                                                   args.bn_batches)):
             r.update(acc)
