@@ -1,0 +1,103 @@
+"""What a derived network costs, edge by edge: parameters and multiply-accumulates, exact from the shapes.
+
+A derived network's cost is a fixed part (stem, each cell's input preprocessing, classifier) plus one term per
+chosen edge, which depends only on the op, the cell it sits in (channels, resolution) and whether the edge
+strides. So a table per cell type, `table[t][e][k]`, the cost of op k on edge e summed over every cell of type
+t, gives any genotype's cost as `fixed + sum of its edges' entries`, and the expected cost of the search's
+edge distributions as a sum of probabilities times entries (differentiable in the probabilities).
+
+Multiply-accumulates are counted by `torch.utils.flop_counter` (convolutions and the classifier; a FLOP
+counted there is half a multiply-accumulate), for one image at the network's input size. Pooling, BatchNorm
+and additions are not in that count, as in the papers that report MACs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .genotype import CELL_TYPES, Genotype, edge_index, num_edges
+from .network import NetSpec, Network, count_parameters
+from .ops import PRIMITIVES, make_op
+
+METRICS = ("params", "macs")
+
+
+def macs(module: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of `module` (eval mode) on a zero input of `shape`."""
+    was = module.training
+    module.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(torch.zeros(shape))
+    module.train(was)
+    return counter.get_total_flops() // 2
+
+
+@dataclass
+class CostTable:
+    """`edges[metric][cell_type]`: (edges, ops) nested lists; `fixed[metric]`: what every genotype pays."""
+    spec: NetSpec
+    image_hw: tuple[int, int]
+    edges: dict[str, dict[str, list[list[int]]]]
+    fixed: dict[str, int]
+
+    def of(self, genotype: Genotype) -> dict[str, int]:
+        """The genotype's parameters and multiply-accumulates: fixed part plus its edges' entries."""
+        out = dict(self.fixed)
+        for t in CELL_TYPES:
+            for k, (op, src) in enumerate(getattr(genotype, t)):
+                e, o = edge_index(k // 2, src), PRIMITIVES.index(op)
+                for m in METRICS:
+                    out[m] += self.edges[m][t][e][o]
+        return out
+
+    def expected(self, probabilities: dict[str, torch.Tensor], metric: str = "macs") -> torch.Tensor:
+        """Sum over cell types and edges of p(op) x cost(op): the cost the distributions expect when every edge
+        is kept (the derivation keeps two per node; this is the quantity the cost term can differentiate)."""
+        total = probabilities[CELL_TYPES[0]].new_zeros(())
+        for t in CELL_TYPES:
+            table = torch.tensor(self.edges[metric][t], dtype=probabilities[t].dtype, device=probabilities[t].device)
+            total = total + (probabilities[t] * table).sum()
+        return total
+
+
+def cost_table(spec: NetSpec, image_hw: tuple[int, int]) -> CostTable:
+    """Every op's cost on every edge of every cell of `spec` (a derived network's spec: the width and stem
+    stride the optimize phase trains), for images of `image_hw`."""
+    nodes = spec.nodes
+    edges = {m: {t: [[0] * len(PRIMITIVES) for _ in range(num_edges(nodes))] for t in CELL_TYPES} for m in METRICS}
+    memo: dict[tuple, tuple[int, int]] = {}
+    h, w = image_hw
+    base = (-(-h // spec.stem_stride), -(-w // spec.stem_stride))   # the stem: 3x3, padding 1
+    states = spec.state_shapes()                                     # (channels, reduction level) per state
+    for cell in spec.cells:
+        level = states[cell.inputs[1]][1]                             # s1's scale; pre0 brings s0 to it
+        hw_in = (-(-base[0] // 2 ** level), -(-base[1] // 2 ** level))
+        hw_out = (-(-hw_in[0] // 2), -(-hw_in[1] // 2)) if cell.reduction else hw_in
+        t = "reduce" if cell.reduction else "normal"
+        for node in range(nodes):
+            for src in range(2 + node):
+                stride = 2 if cell.reduction and src < 2 else 1
+                size = hw_in if src < 2 else hw_out
+                for o, op in enumerate(PRIMITIVES):
+                    key = (op, cell.c, stride, size)
+                    if key not in memo:
+                        module = make_op(op, cell.c, stride, affine=True)
+                        memo[key] = (count_parameters(module), macs(module, (1, cell.c, *size)))
+                    p, m = memo[key]
+                    edges["params"][t][edge_index(node, src)][o] += p
+                    edges["macs"][t][edge_index(node, src)][o] += m
+    table = CostTable(spec, image_hw, edges, {m: 0 for m in METRICS})
+    # the fixed part, from one whole network: what it costs minus what its edges cost
+    probe = Genotype.random(np.random.default_rng(0), nodes)
+    whole = network_cost(spec, probe, image_hw)
+    table.fixed = {m: whole[m] - table.of(probe)[m] for m in METRICS}
+    return table
+
+
+def network_cost(spec: NetSpec, genotype: Genotype, image_hw: tuple[int, int]) -> dict[str, int]:
+    """The parameters and multiply-accumulates of the whole derived network, counted directly."""
+    net = Network(spec, genotype)
+    return {"params": count_parameters(net), "macs": macs(net, (1, spec.in_channels, *image_hw))}
