@@ -1,18 +1,16 @@
 """bench/ranking.py: the supernet's ranking of genotypes against their standalone accuracies."""
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import ranking  # noqa: E402
+from engine.config import preset
+from engine.genotype import Genotype
+from engine.trainer import Trainer
 
-from engine.config import preset  # noqa: E402
-from engine.genotype import Genotype  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
+from .conftest import load_bench
+
+ranking = load_bench("ranking")
 
 
 def test_kendall_and_spearman_on_hand_computed_cases():

@@ -1,13 +1,13 @@
 """bench/readme_figures.py: the README's main-job figures against the committed reference run."""
 import json
 import os
-import sys
 
 import pytest
 
+from .conftest import load_bench
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import readme_figures  # noqa: E402
+readme_figures = load_bench("readme_figures")
 
 FINAL = {"test_acc": 0.93281, "params": 220214, "wall_s": 565.4}
 
