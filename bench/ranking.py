@@ -23,15 +23,14 @@ import sys
 
 from common import print_table, write_json  # (puts the project on sys.path)
 import numpy as np
-import torch
 
-from engine.build import build_architecture, load_data
+from engine.build import load_data
 from engine.checkpoint import load_checkpoint
 from engine.config import Config
 from engine.data import make_loader, make_splits, train_augment
 from engine.errors import AsoseError, CheckpointError
+from engine.evaluate import supernet_steps
 from engine.genotype import Genotype
-from engine.network import NetSpec, Network
 from engine.steps import Steps
 
 
@@ -108,11 +107,7 @@ def supernet(path: str, device: str = "cpu") -> tuple[Config, Steps]:
     if state.get("supernet") is None:
         raise CheckpointError(f"{path}: holds no supernet (a training run's checkpoint?); pass a search's "
                               f"checkpoints/last.pt, search.pt or growth.pt")
-    net = Network(NetSpec.from_json(state["spec"])).to(device)
-    net.load_state_dict(state["supernet"])
-    arch = build_architecture(cfg, device)
-    arch.load_state_dict(state["arch"])
-    return cfg, Steps(net, torch.optim.SGD(net.parameters(), lr=0.0), arch=arch)
+    return cfg, supernet_steps(state, cfg, device)
 
 
 def shared_accuracies(steps: Steps, genotypes: list[Genotype], evaluate, calibrate, bn_batches: int) -> list[dict]:

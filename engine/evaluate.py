@@ -13,6 +13,15 @@ from .network import NetSpec, Network, count_parameters
 from .steps import Steps
 
 
+def supernet_steps(state: dict, cfg: Config, device) -> Steps:
+    """Evaluation steps over the supernet and architecture a search checkpoint holds (no weight updates)."""
+    net = Network(NetSpec.from_json(state["spec"])).to(device)
+    net.load_state_dict(state["supernet"])
+    arch = build_architecture(cfg, device)
+    arch.load_state_dict(state["arch"])
+    return Steps(net, torch.optim.SGD(net.parameters(), lr=0.0), arch=arch)
+
+
 def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", data_dir: str | None = None) -> dict:
     state = load_checkpoint(path)
     cfg = Config.from_json(state["config"], path)
@@ -29,15 +38,10 @@ def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", da
             net.load_state_dict(state["final_net"])
             steps, phase, which = Steps(net, torch.optim.SGD(net.parameters(), lr=0.0)), None, "derived network"
         else:
-            net = Network(NetSpec.from_json(state["spec"])).to(dev)
-            net.load_state_dict(state["supernet"])
-            arch = build_architecture(cfg, dev)
-            arch.load_state_dict(state["arch"])
-            steps = Steps(net, torch.optim.SGD(net.parameters(), lr=0.0), arch=arch)
-            phase, which = "derive", "genotype inside the supernet"
+            steps, phase, which = supernet_steps(state, cfg, dev), "derive", "genotype inside the supernet"
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: incompatible checkpoint ({str(e).splitlines()[0][:160]})") from None
     # the derived network is tested as the run tested it (flip TTA when the config asks for it)
     loss, acc = steps.evaluate(loader, phase, flip=cfg.test_flip and phase is None)
     return {"checkpoint": path, "split": split, "model": which, "samples": len(y), "loss": round(loss, 5),
-            "accuracy": round(acc, 5), "params": count_parameters(net)}
+            "accuracy": round(acc, 5), "params": count_parameters(steps.net)}
