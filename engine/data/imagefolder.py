@@ -219,17 +219,16 @@ def read_imagefolder(path: str, image_size: int, cache_dir: str | None = None, s
     if bad:
         _say(f"skipped {len(bad):,} image(s) that do not decode (first: {bad[0][0]}: {bad[0][1]})")
     keep = np.array([a is not None for a in images])
-    stacked = np.stack([a for a in images if a is not None]) if keep.any() else None
-    if stacked is None:
+    if not keep.any():
         raise DataError(f"imagefolder: no image of {path} decodes")
+    stacked = np.stack([a for a in images if a is not None])
     labels = labels[keep]
     source = np.repeat(np.arange(len(names)), [len(splits[n]) for n in names])[keep]
     if "test" in splits:
         tr, te = source == names.index("train"), source == names.index("test")
-        parts = (stacked[tr], labels[tr], stacked[te], labels[te])
     else:
         tr, te = holdout(labels, holdout_fraction, holdout_seed)
-        parts = (stacked[tr], labels[tr], stacked[te], labels[te])
+    parts = (stacked[tr], labels[tr], stacked[te], labels[te])
     if len(np.unique(parts[1])) < 2:
         raise DataError(f"imagefolder: {path}: the training images that decode cover fewer than two classes")
     mean, std = channel_stats(parts[0])
