@@ -16,9 +16,10 @@ A planted task is one whose answer is known: only one op family tells its two cl
   would count edges that cannot matter.
 - the search, on the real labels (--search-seeds) and on shuffled ones (--shuffled-seeds, the RLNAS control):
   per search, the share of the scored cells' edges (SCORED; both cell types' shares are kept) whose derived
-  op is in the planted family, against the shares of --random genotypes from the space (`Genotype.random`, the sampler of
-  bench/search_quality.py); how decided the final distributions are (each derived edge's probability, its
-  top-1 / top-2 margin); the searched genotypes trained with the recipe against the random ones.
+  op is in the planted family, against the shares of --random genotypes from the space (`Genotype.random`,
+  the sampler of bench/search_quality.py); how decided the final distributions are (each derived edge's
+  probability, its top-1 / top-2 margin); the searched genotypes trained with the recipe against the random
+  ones.
 - pass: every real-label search above the random shares' 90th percentile (a sign test: 6 of 6 is p = 0.016)
   and their mean accuracy more than 2 random sds above the random mean; on shuffled labels at most 1 of 3
   searches above that percentile.
@@ -104,6 +105,13 @@ def sign_test(above: int, n: int) -> float:
     return sum(math.comb(n, k) for k in range(above, n + 1)) / 2 ** n
 
 
+def trained(recipe, name: str, genotype: Genotype, seeds, work) -> dict:
+    """The genotype's test accuracy over the training seeds: mean, sd and each seed's."""
+    accs = [train(recipe, name, genotype, s, work)["test_acc"] for s in seeds]
+    return {"test_acc": statistics.fmean(accs), "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "per_seed": accs}
+
+
 def split(normal: str, reduce: str, nodes: int = 4) -> Genotype:
     """The homogeneous normal cell of one op and the homogeneous reduction cell of another."""
     n, r = homogeneous(normal, nodes), homogeneous(reduce, nodes)
@@ -113,21 +121,20 @@ def split(normal: str, reduce: str, nodes: int = 4) -> Genotype:
 def cells(cfg, recipe, family, seeds, work) -> list[dict]:
     """Each family op in one cell type with skip_connect in the other, and skip_connect everywhere."""
     rows = []
-    pairs = [("skip_connect", "skip_connect")] + [p for op in family for p in ((op, "skip_connect"), ("skip_connect", op))]
+    pairs = [("skip_connect", "skip_connect")]
+    pairs += [p for op in family for p in ((op, "skip_connect"), ("skip_connect", op))]
     for normal, reduce in pairs:
         name = "homogeneous-skip_connect" if normal == reduce else f"cells-{normal}-{reduce}"
-        accs = [train(recipe, name, split(normal, reduce, cfg.nodes), s, work)["test_acc"] for s in seeds]
-        rows.append({"normal": normal, "reduce": reduce, "test_acc": statistics.fmean(accs),
-                     "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "per_seed": accs})
+        rows.append({"normal": normal, "reduce": reduce,
+                     **trained(recipe, name, split(normal, reduce, cfg.nodes), seeds, work)})
     return rows
 
 
 def table(cfg, recipe, family, seeds, work) -> tuple[list[dict], dict]:
     rows = []
     for op in OPS:
-        accs = [train(recipe, f"homogeneous-{op}", homogeneous(op, cfg.nodes), s, work)["test_acc"] for s in seeds]
-        rows.append({"op": op, "planted": op in family, "test_acc": statistics.fmean(accs),
-                     "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0, "per_seed": accs})
+        rows.append({"op": op, "planted": op in family,
+                     **trained(recipe, f"homogeneous-{op}", homogeneous(op, cfg.nodes), seeds, work)})
     inside = [r for r in rows if r["planted"]]
     outside = [r for r in rows if not r["planted"]]
     pooled = math.sqrt(statistics.fmean(r["sd"] ** 2 for r in rows)) if len(seeds) > 1 else 0.0
@@ -241,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     mean_real = statistics.fmean(r["test_acc"] for r in real) if real else None
     sds = (mean_real - acc["random_mean"]) / acc["random_sd"] if real and acc["random_sd"] > 0 else None
     n_above = sum(r["above_p90"] for r in real)
-    verdict = {"scored_cells": list(scored), "random_share_p90": p90, "random_share_mean": statistics.fmean(random_share),
+    verdict = {"scored_cells": list(scored), "random_share_p90": p90,
+               "random_share_mean": statistics.fmean(random_share),
                "real_above_p90": n_above, "real_n": len(real), "sign_test_p": sign_test(n_above, len(real)),
                "shuffled_above_p90": sum(r["above_p90"] for r in shuffled), "shuffled_n": len(shuffled),
                "family_edges_real": [r["family_edges"] for r in real],
@@ -258,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                  "min_margin", "test_acc"],
                 title=f"{args.task}: planted family {'+'.join(family)}, {epochs:g} training epoch(s), seeds "
                       f"{train_seeds}")
-    print(f"random shares of the scored cells ({'+'.join(scored)}): mean {verdict['random_share_mean']:.3f}, 90th percentile {p90:.3f}")
+    print(f"random shares of the scored cells ({'+'.join(scored)}): mean {verdict['random_share_mean']:.3f}, "
+          f"90th percentile {p90:.3f}")
     print(f"real labels: {n_above}/{len(real)} searches above it (sign test p = {verdict['sign_test_p']:.4f}); "
           f"shuffled labels: {verdict['shuffled_above_p90']}/{len(shuffled)}")
     print(f"edges decided for the family (top op in it at p >= 0.5, of {2 * num_edges(cfg.nodes)} per search): "
