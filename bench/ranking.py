@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                   "shared_bn": 100 * r["shared_bn"]} for r in rows], ["name", "standalone", "shared", "shared_bn"],
                 title=f"{len(rows)} genotypes: standalone test accuracy against the supernet's {args.split} accuracy "
                       f"({args.checkpoint})")
-    for key, label in (("shared", "search's BN statistics"), ("shared_bn", f"BN re-estimated ({args.bn_batches} batches)")):
+    labels = (("shared", "search's BN statistics"), ("shared_bn", f"BN re-estimated ({args.bn_batches} batches)"))
+    for key, label in labels:
         c = result[key]
         ci = lambda v: "-" if v is None else f"[{v[0]:+.3f}, {v[1]:+.3f}]"  # noqa: E731
         print(f"{label}: Kendall tau {c['kendall_tau']:+.3f} {ci(c['kendall_tau_ci95'])}, Spearman "

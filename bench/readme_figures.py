@@ -11,7 +11,8 @@ The tag is invisible in the rendered page. Each tagged figure must equal the fie
 (test_acc as a percentage with two decimals, params with thousands commas, wall_s as minutes and seconds).
 A line that names the main job (`make run`, "main job") may not state an accuracy (`dd.dd%`) or a parameter
 count (`ddd,ddd`) without a tag, unless the figure is tagged `<!--not-final-->` (another run's figure, e.g.
-the hand-made CNN's). A quoted log line `== test accuracy ...` must be the reference run's. Exit 0 when every figure agrees, 1 naming each one that does not.
+the hand-made CNN's). A quoted log line `== test accuracy ...` must be the reference run's. Exit 0 when every
+figure agrees, 1 naming each one that does not.
 
 When the reference run changes (a new `make run`), copy its `final.json` and `machine.json` to
 bench/results/main-job/ and edit the README's tagged figures: this check fails until both agree.
@@ -49,7 +50,8 @@ def check(readme: str, final: dict) -> list[str]:
             if field not in want:
                 problems.append(f"README line {n}: unknown field {field!r} in a final: tag (known: {', '.join(want)})")
             elif value != want[field]:
-                problems.append(f"README line {n}: {value} is tagged final:{field}, the reference run has {want[field]}")
+                problems.append(f"README line {n}: {value} is tagged final:{field}, the reference run has "
+                                f"{want[field]}")
         if line.startswith("== test accuracy "):  # the main job's last line, quoted in a log block
             expect = f"== test accuracy {want['test_acc']}  ({want['params']} params, wall {want['wall_s']})"
             if line.rstrip() != expect:

@@ -15,9 +15,11 @@ from .errors import ConfigError
 @dataclass
 class Config:
     # ---- data
-    dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | imagefolder | synthetic | planted-lag | planted-polarity
+    dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | imagefolder | synthetic | planted-lag |
+                                          # planted-polarity
     data_dir: str | None = None           # default: /usr/share/datasets/fashion-mnist for fashion-mnist
-    image_size: int = 32                  # imagefolder: side the images are resized (shorter side) and centre-cropped to
+    image_size: int = 32                  # imagefolder: the side images are resized (shorter side) and
+                                          # centre-cropped to
     cache_dir: str | None = None          # imagefolder: decoded arrays kept here; None: $XDG_CACHE_HOME/aso-se
     holdout_fraction: float = 0.1         # imagefolder without test/ or val/: share of train held out as test ...
     holdout_seed: int = 0                 # ... drawn with this seed (not the run's: the test set stays put)
@@ -290,8 +292,8 @@ PRESETS: dict[str, dict] = {
                     growth_epochs=0, optimize_epochs=2, optimize_init="fresh", optimize_batch_size=64,
                     lr=0.05, optimize_lr=0.05, loader="tensor", max_skip=-1),
     # Synthetic data, tiny network: the whole pipeline in well under a minute.
-    "smoke": dict(dataset="synthetic", synthetic_size=12, image_size=12, synthetic_train=512, synthetic_test=256, channels=4,
-                  layers=3, batch_size=32, eval_batch_size=128, optimize_batch_size=32, warmup_epochs=1,
+    "smoke": dict(dataset="synthetic", synthetic_size=12, image_size=12, synthetic_train=512, synthetic_test=256,
+                  channels=4, layers=3, batch_size=32, eval_batch_size=128, optimize_batch_size=32, warmup_epochs=1,
                   search_epochs=1, growth_epochs=1, optimize_epochs=1, lr=0.05, optimize_lr=0.05,
                   arch_lr=3e-3, loader="tensor", max_channels=8, max_cells=5,
                   deterministic=True),  # the tests compare runs bit for bit, on a GPU too
