@@ -171,7 +171,6 @@ class Config:
             if not cond:
                 raise ConfigError(f"config field {field_}={getattr(self, field_)!r}: {why}")
 
-        from .ops import PRIMITIVES  # noqa: F401  (ops are validated in genotypes)
         from .data import DATASETS, LOADERS
         need(self.dataset in DATASETS, "dataset", f"choose one of {', '.join(DATASETS)}")
         need(self.loader in LOADERS, "loader", f"choose one of {', '.join(LOADERS)}")
