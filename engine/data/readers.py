@@ -223,10 +223,9 @@ def read_images(data_dir: str | None, image_size: int = 32, cache_dir: str | Non
                         "(and test/<class>/...)")
     from .imagefolder import read_imagefolder
     d = read_imagefolder(data_dir, image_size, cache_dir, skip_bad_images, holdout_fraction, holdout_seed, device)
-    ds = Dataset("imagefolder", d["train_images"], d["train_labels"], d["test_images"], d["test_labels"],
-                 tuple(d["classes"]), tuple(d["mean"]), tuple(d["std"]), pad=2 * (image_size // 16), flip=True)
-    ds.source = {k: d[k] for k in ("path", "cached", "cache", "seconds", "skipped", "holdout", "channels")}
-    return ds
+    return Dataset("imagefolder", d["train_images"], d["train_labels"], d["test_images"], d["test_labels"],
+                   tuple(d["classes"]), tuple(d["mean"]), tuple(d["std"]), pad=2 * (image_size // 16), flip=True,
+                   source={k: d[k] for k in ("path", "cached", "cache", "seconds", "skipped", "holdout", "channels")})
 
 
 def load_dataset(name: str, data_dir: str | None = None, images: dict | None = None,
