@@ -25,7 +25,7 @@ from .genotype import Genotype
 from .config import Config
 from .data import Dataset, load_dataset, make_loader, make_splits, train_augment
 from .errors import ConfigError
-from .network import Network, darts_spec, derive
+from .network import NetSpec, Network, darts_spec, derive, derived_spec
 from .profiling import enable_nvtx
 from .steps import Steps
 
@@ -220,6 +220,20 @@ class Run:
         return self._probe.contiguous(memory_format=torch.channels_last) if self.channels_last else self._probe
 
 
+def supernet_spec(cfg: Config, dataset: Dataset) -> NetSpec:
+    """The supernet a config searches, for the data set's channels and classes."""
+    c, _, _ = dataset.image_shape
+    return darts_spec(c, dataset.num_classes, cfg.channels, cfg.layers, cfg.nodes, cfg.stem_multiplier,
+                      cfg.stem_stride, cfg.gate_ops)
+
+
+def final_spec(cfg: Config, dataset: Dataset) -> NetSpec:
+    """The network the optimize phase trains, as far as the config knows it before any growth event: the
+    supernet's layout at the derived width and stem stride (width growth does not change it; a depth event
+    adds cells)."""
+    return derived_spec(supernet_spec(cfg, dataset), **cfg.derived_shape())
+
+
 def build_run(cfg: Config) -> Run:
     """Under torchrun (WORLD_SIZE > 1) this joins the process group first: one rank per device."""
     world = distributed.env_world()
@@ -239,7 +253,5 @@ def build_run(cfg: Config) -> Run:
     gumbel = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run = Run(cfg, device, cfg.channels_last if cfg.channels_last is not None else device.type == "cpu",
               dataset, splits, augment, loaders, arch, arch_opt, gumbel, world)
-    c, _, _ = dataset.image_shape
-    run.new_supernet(darts_spec(c, dataset.num_classes, cfg.channels, cfg.layers, cfg.nodes, cfg.stem_multiplier,
-                                cfg.stem_stride, cfg.gate_ops))
+    run.new_supernet(supernet_spec(cfg, dataset))
     return run

@@ -8,6 +8,7 @@
     aso-se profile --preset smoke --steps 5 --out runs/prof
     aso-se report runs/fm                                     runs/fm/report/index.html: curves, cells, tables
     aso-se export runs/fm --format onnx                       the trained network, loadable without ASO-SE
+    aso-se latency --preset fashion-mnist --batch 1 --check 12   per-op latency table, checked on 12 networks
     torchrun --nproc_per_node=2 -m engine.cli search --preset smoke --out runs/ddp    data-parallel (engine/distributed.py)
 
 Bad input ends with one line `aso-se: error: ...` and exit code 2; nothing already written is touched.
@@ -176,6 +177,53 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_latency(args) -> int:
+    import numpy as np
+
+    from .build import final_spec, load_data, resolve_device
+    from .checkpoint import write_json
+    from .latency import check, check_genotypes, latency_table, to_json
+    if args.batch <= 0:
+        raise ConfigError(f"--batch must be positive, got {args.batch}")
+    if args.check < 0:
+        raise ConfigError(f"--check must be 0 (no check) or a number of networks, got {args.check}")
+    if args.threads is not None:
+        if args.threads <= 0:
+            raise ConfigError(f"--threads must be positive, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
+    cfg = _config(args)
+    device = resolve_device(cfg.device)
+    dataset = load_data(cfg)
+    spec, hw = final_spec(cfg, dataset), dataset.image_shape[1:]
+    out = args.out or f"latency-{args.preset}-{device.type}-b{args.batch}.json"
+    print(f"timing every op at every cell's input shape: batch {args.batch}, {device}, "
+          f"{torch_threads()} CPU thread(s)", file=sys.stderr, flush=True)
+
+    def progress(done: int, total: int) -> None:
+        print(f"  round {done}/{total}", file=sys.stderr, flush=True)
+
+    table = latency_table(spec, hw, args.batch, device, channels_last=cfg.channels_last, progress=progress)
+    data = to_json(table)
+    print(f"fixed part {table.fixed['latency']:.3f} ms (probe residuals {table.meta['probe_residuals_ms']})")
+    if args.check:
+        data["check"] = check(table, check_genotypes(np.random.default_rng([cfg.seed, 202]), args.check, spec.nodes))
+        for r in data["check"]["networks"]:
+            print(f"  {r['name']:>13}  predicted {r['predicted_ms']:9.3f} ms  measured {r['measured_ms']:9.3f} ms  "
+                  f"{100 * r['rel_error']:+6.1f}%")
+        for group, found in data["check"]["groups"].items():
+            print(f"check, {group}: Spearman {found['spearman']:.3f}, median |error| "
+                  f"{100 * found['median_abs_rel_error']:.1f}%, largest {100 * found['max_abs_rel_error']:.1f}%")
+    write_json(out, data)
+    print(out)
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aso-se", description="ASO-SE: differentiable architecture search in four "
                                      "phases (warmup, search, growth, optimize), compiled and profiled.")
@@ -255,6 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="torchscript", choices=("torchscript", "onnx"))
     p.add_argument("--out", default=None, help="file (default RUN/model.pt or RUN/model.onnx)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("latency", help="time every op on every edge of the derived network: a latency table",
+                       description="Time every op at every cell's input shape of the network the preset's optimize "
+                                   "phase trains, on --device, and write the lookup table the search's cost term "
+                                   "reads (--set cost=latency --set latency_table=FILE). --check N also times N "
+                                   "whole networks and compares them with the table's prediction.",
+                       epilog=EPILOG_FIELDS)
+    _add_common(p)
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
+    p.add_argument("--check", type=int, default=0, metavar="N", help="time N random networks against the table")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads to time with (default: torch's, usually one per core); the file records it")
+    p.add_argument("--out", default=None, help="JSON file (default latency-PRESET-DEVICE-bBATCH.json)")
+    p.set_defaults(func=cmd_latency)
     return parser
 
 

@@ -12,7 +12,7 @@ and additions are not in that count, as in the papers that report MACs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,19 +37,21 @@ def macs(module: torch.nn.Module, shape: tuple[int, ...]) -> int:
 
 @dataclass
 class CostTable:
-    """`edges[metric][cell_type]`: (edges, ops) nested lists; `fixed[metric]`: what every genotype pays."""
+    """`edges[metric][cell_type]`: (edges, ops) nested lists; `fixed[metric]`: what every genotype pays.
+    Metrics: "params" and "macs" (`cost_table`, exact), "latency" in ms (engine/latency.py, measured)."""
     spec: NetSpec
     image_hw: tuple[int, int]
-    edges: dict[str, dict[str, list[list[int]]]]
-    fixed: dict[str, int]
+    edges: dict[str, dict[str, list[list[float]]]]
+    fixed: dict[str, float]
+    meta: dict = field(default_factory=dict)   # a measured table's batch, device, machine (engine/latency.py)
 
-    def of(self, genotype: Genotype) -> dict[str, int]:
-        """The genotype's parameters and multiply-accumulates: fixed part plus its edges' entries."""
+    def of(self, genotype: Genotype) -> dict[str, float]:
+        """The genotype's cost in each of the table's metrics: fixed part plus its edges' entries."""
         out = dict(self.fixed)
         for t in CELL_TYPES:
             for k, (op, src) in enumerate(getattr(genotype, t)):
                 e, o = edge_index(k // 2, src), PRIMITIVES.index(op)
-                for m in METRICS:
+                for m in self.edges:
                     out[m] += self.edges[m][t][e][o]
         return out
 
@@ -63,12 +65,9 @@ class CostTable:
         return total
 
 
-def cost_table(spec: NetSpec, image_hw: tuple[int, int]) -> CostTable:
-    """Every op's cost on every edge of every cell of `spec` (a derived network's spec: the width and stem
-    stride the optimize phase trains), for images of `image_hw`."""
-    nodes = spec.nodes
-    edges = {m: {t: [[0] * len(PRIMITIVES) for _ in range(num_edges(nodes))] for t in CELL_TYPES} for m in METRICS}
-    memo: dict[tuple, tuple[int, int]] = {}
+def edge_inputs(spec: NetSpec, image_hw: tuple[int, int]):
+    """(cell type, edge, channels, stride, input height and width) of every edge of every cell of `spec`, for
+    images of `image_hw`: the shape an op on that edge reads."""
     h, w = image_hw
     base = (-(-h // spec.stem_stride), -(-w // spec.stem_stride))   # the stem: 3x3, padding 1
     states = spec.state_shapes()                                     # (channels, reduction level) per state
@@ -76,22 +75,34 @@ def cost_table(spec: NetSpec, image_hw: tuple[int, int]) -> CostTable:
         level = states[cell.inputs[1]][1]                             # s1's scale; pre0 brings s0 to it
         hw_in = (-(-base[0] // 2 ** level), -(-base[1] // 2 ** level))
         hw_out = (-(-hw_in[0] // 2), -(-hw_in[1] // 2)) if cell.reduction else hw_in
-        t = "reduce" if cell.reduction else "normal"
-        for node in range(nodes):
+        for node in range(spec.nodes):
             for src in range(2 + node):
                 stride = 2 if cell.reduction and src < 2 else 1
-                size = hw_in if src < 2 else hw_out
-                for o, op in enumerate(PRIMITIVES):
-                    key = (op, cell.c, stride, size)
-                    if key not in memo:
-                        module = make_op(op, cell.c, stride, affine=True)
-                        memo[key] = (count_parameters(module), macs(module, (1, cell.c, *size)))
-                    p, m = memo[key]
-                    edges["params"][t][edge_index(node, src)][o] += p
-                    edges["macs"][t][edge_index(node, src)][o] += m
+                yield cell.cell_type, edge_index(node, src), cell.c, stride, hw_in if src < 2 else hw_out
+
+
+def empty_edges(spec: NetSpec, metrics) -> dict:
+    return {m: {t: [[0] * len(PRIMITIVES) for _ in range(num_edges(spec.nodes))] for t in CELL_TYPES}
+            for m in metrics}
+
+
+def cost_table(spec: NetSpec, image_hw: tuple[int, int]) -> CostTable:
+    """Every op's cost on every edge of every cell of `spec` (a derived network's spec: the width and stem
+    stride the optimize phase trains), for images of `image_hw`."""
+    edges = empty_edges(spec, METRICS)
+    memo: dict[tuple, tuple[int, int]] = {}
+    for t, e, c, stride, size in edge_inputs(spec, image_hw):
+        for o, op in enumerate(PRIMITIVES):
+            key = (op, c, stride, size)
+            if key not in memo:
+                module = make_op(op, c, stride, affine=True)
+                memo[key] = (count_parameters(module), macs(module, (1, c, *size)))
+            p, m = memo[key]
+            edges["params"][t][e][o] += p
+            edges["macs"][t][e][o] += m
     table = CostTable(spec, image_hw, edges, {m: 0 for m in METRICS})
     # the fixed part, from one whole network: what it costs minus what its edges cost
-    probe = Genotype.random(np.random.default_rng(0), nodes)
+    probe = Genotype.random(np.random.default_rng(0), spec.nodes)
     whole = network_cost(spec, probe, image_hw)
     table.fixed = {m: whole[m] - table.of(probe)[m] for m in METRICS}
     return table

@@ -83,17 +83,25 @@ class Genotype:
         return cls(parsed["normal"], concat, parsed["reduce"], list(concat))
 
     @classmethod
-    def random(cls, rng: np.random.Generator, nodes: int = 4) -> "Genotype":
+    def random(cls, rng: np.random.Generator, nodes: int = 4, free_share: float | None = None) -> "Genotype":
         """A genotype drawn uniformly from the space the search derives from: per node, two distinct inputs
         among the states before it, and on each an op other than `none` (the random-architecture baseline
-        of Li & Talwalkar 2019 and Yang et al. 2020)."""
+        of Li & Talwalkar 2019 and Yang et al. 2020). With `free_share`, each edge is parameter-free with that
+        probability (else a convolution), uniform within the group: networks across the space's cost range."""
         ops = [op for op in PRIMITIVES if op != "none"]
+        groups = ([op for op in ops if op in PARAMETER_FREE], [op for op in ops if op not in PARAMETER_FREE])
+
+        def draw() -> str:
+            if free_share is None:
+                return ops[int(rng.integers(len(ops)))]
+            group = groups[0] if rng.random() < free_share else groups[1]
+            return group[int(rng.integers(len(group)))]
         cells = {}
         for t in CELL_TYPES:
             pairs = []
             for node in range(nodes):
                 for src in sorted(int(s) for s in rng.choice(2 + node, size=2, replace=False)):
-                    pairs.append((ops[int(rng.integers(len(ops)))], src))
+                    pairs.append((draw(), src))
             cells[t] = pairs
         concat = list(range(2, 2 + nodes))
         return cls(cells["normal"], concat, cells["reduce"], list(concat))
