@@ -39,10 +39,13 @@ import numpy as np
 
 from common import print_table, write_json
 
+from engine.build import final_spec, load_data, same_network
 from engine.genotype import CELL_TYPES, Genotype
 from engine.cli import TRAIN_ONLY
 from engine.config import Config, preset
+from engine.cost import cost_table
 from engine.errors import AsoseError
+from engine.latency import load_table
 from engine.trainer import Trainer
 
 QUICK = dict(preset="smoke", random=3, search_seeds="0", train_seeds="0", epochs=1.0, train_set=[])
@@ -237,6 +240,24 @@ def summarize(random_accs: list[float], searched: dict[str, float]) -> dict:
     return out
 
 
+def genotype_costs(recipe: Config, latency_table: str | None = None):
+    """A function giving a genotype's multiply-accumulates per image (exact, on the recipe's network) and, with
+    a latency table of that network, its predicted latency in ms (engine/cost.py, engine/latency.py)."""
+    data = load_data(recipe)
+    spec, hw = final_spec(recipe, data), tuple(data.image_shape[1:])
+    table = cost_table(spec, hw)
+    lat = load_table(latency_table) if latency_table else None
+    if lat is not None and (not same_network(lat.spec, spec) or tuple(lat.image_hw) != hw):
+        raise AsoseError(f"--latency-table {latency_table}: measured for another network than the recipe trains")
+
+    def costs(g: Genotype) -> dict:
+        out = {"macs": table.of(g)["macs"]}
+        if lat is not None:
+            out["latency_ms"] = round(lat.of(g)["latency"], 4)
+        return out
+    return costs
+
+
 def _parse_shard(text: str | None) -> tuple[int, int]:
     if text is None:
         return 0, 1
@@ -274,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                         "holds, then stops without the table")
     p.add_argument("--quick", action="store_true", help="synthetic data and a tiny network (the test suite's run)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--latency-table", default=None, metavar="FILE",
+                   help="an `aso-se latency` table of the recipe's network: each genotype's predicted latency is "
+                        "recorded beside its parameters and multiply-accumulates")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="FILE",
                    help="an earlier run's --json file: its trainings enter --work as finished, when its recipe is "
                         "this run's, so more --train-seeds extend it without its --work")
@@ -352,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         candidates = [(name, kind, g, name) for name, kind, g in candidates]
         for seed in search_seeds:
             candidates += found_candidates(seed)
+        costs = genotype_costs(recipe, args.latency_table)
         rows = []
         for name, kind, g, as_name in candidates:
             runs = [train(recipe, as_name, g, seed, args.work) for seed in train_seeds]
@@ -360,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                          "params": runs[0]["params"], "train_s": sum(r["train_s"] for r in runs) / len(runs),
                          "param_free_normal": free["normal"], "param_free_reduce": free["reduce"],
                          "per_seed": [r["test_acc"] for r in runs],
-                         "per_seed_train_s": [r["train_s"] for r in runs], "genotype": str(g), "genotype_json": g.to_json()})
+                         "per_seed_train_s": [r["train_s"] for r in runs], **costs(g), "genotype": str(g),
+                         "genotype_json": g.to_json()})
     except AsoseError as e:
         print(f"search_quality: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -373,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         r["rank"] = f"{s['rank']}/{s['of']}" if s else None
         r["ri"] = round(s["ri"], 3) if s else None
     print_table([{**r, "test_acc": 100 * r["test_acc"]} for r in rows],
-                ["name", "kind", "test_acc", "params", "train_s", "param_free_normal", "param_free_reduce", "rank",
-                 "ri"], title=f"search quality: {args.preset}, {args.epochs:g} training epoch(s), training seeds "
+                ["name", "kind", "test_acc", "params", "macs", "latency_ms", "train_s", "param_free_normal",
+                 "param_free_reduce", "rank", "ri"], title=f"search quality: {args.preset}, {args.epochs:g} training epoch(s), training seeds "
                               f"{train_seeds}")
     if summary:
         print(f"random: {100 * summary['random_mean']:.2f} +- {100 * summary['random_sd']:.2f}% "
@@ -389,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "random": args.random, "random_seed": args.random_seed, "search_seeds": search_seeds,
         "train_seeds": train_seeds, "genotype_files": args.genotype, "derive": args.derive, "recipe": recipe.to_json(),
+        "latency_table": args.latency_table,
         "command": " ".join(["python", "bench/search_quality.py", *(argv if argv is not None else sys.argv[1:])])},
         summary=summary)
     return 0

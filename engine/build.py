@@ -11,6 +11,7 @@ so data, architecture, Gumbel generator and supernet are built in this order, al
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -23,8 +24,10 @@ from . import distributed
 from .arch import Architecture
 from .genotype import Genotype
 from .config import Config
+from .cost import CostTerm, cost_table
 from .data import Dataset, load_dataset, make_loader, make_splits, train_augment
 from .errors import ConfigError
+from .latency import load_table
 from .network import NetSpec, Network, darts_spec, derive, derived_spec
 from .profiling import enable_nvtx
 from .steps import Steps
@@ -165,6 +168,7 @@ class Run:
     world: distributed.World = distributed.SINGLE
     supernet: Model = None
     final: Model | None = None
+    cost: CostTerm | None = None          # the architecture step's cost term (config cost), None when off
     _probe: torch.Tensor | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------------------------------ models
@@ -176,7 +180,7 @@ class Run:
         steps = Steps(net, opt, arch=self.arch, arch_opt=self.arch_opt, grad_clip=cfg.grad_clip,
                       channels_last=self.channels_last, generator=self.gumbel, compile=cfg.compile,
                       recompile_limit=cfg.recompile_limit, world=self.world,
-                      grad_sync=cfg.grad_sync)
+                      grad_sync=cfg.grad_sync, cost_term=self.cost)
         self.supernet = Model(net, opt, steps)
 
     def new_supernet(self, spec) -> None:
@@ -234,6 +238,28 @@ def final_spec(cfg: Config, dataset: Dataset) -> NetSpec:
     return derived_spec(supernet_spec(cfg, dataset), **cfg.derived_shape())
 
 
+def build_cost_term(cfg: Config, dataset: Dataset) -> CostTerm | None:
+    """The cost term config `cost` asks for, on the network the optimize phase will train: parameters and
+    multiply-accumulates counted from the shapes, latency from the table of `latency_table`."""
+    if cfg.cost == "off":
+        return None
+    spec, hw = final_spec(cfg, dataset), tuple(dataset.image_shape[1:])
+    if cfg.cost == "latency":
+        table = load_table(cfg.latency_table)
+        if not same_network(table.spec, spec) or tuple(table.image_hw) != hw:
+            raise ConfigError(f"latency_table {cfg.latency_table}: measured for another network than this config "
+                              f"derives (its spec or image size differ); measure this one with `aso-se latency` "
+                              f"and the search's --preset and --set options")
+    else:
+        table = cost_table(spec, hw)
+    return CostTerm(table, cfg.cost, cfg.cost_target, cfg.cost_weight)
+
+
+def same_network(a: NetSpec, b: NetSpec) -> bool:
+    """The same derived network (the supernet's gates are not part of it)."""
+    return dataclasses.replace(a, gated=True) == dataclasses.replace(b, gated=True)
+
+
 def build_run(cfg: Config) -> Run:
     """Under torchrun (WORLD_SIZE > 1) this joins the process group first: one rank per device."""
     world = distributed.env_world()
@@ -252,6 +278,6 @@ def build_run(cfg: Config) -> Run:
                                 weight_decay=cfg.arch_weight_decay)
     gumbel = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run = Run(cfg, device, cfg.channels_last if cfg.channels_last is not None else device.type == "cpu",
-              dataset, splits, augment, loaders, arch, arch_opt, gumbel, world)
+              dataset, splits, augment, loaders, arch, arch_opt, gumbel, world, cost=build_cost_term(cfg, dataset))
     run.new_supernet(supernet_spec(cfg, dataset))
     return run

@@ -75,6 +75,12 @@ class Config:
                                           # ops are compared (the warm-up of P-DARTS / PC-DARTS)
     arch_lr: float = 3e-4
     arch_weight_decay: float = 1e-3
+    cost: str = "off"                     # off | params | macs | latency: a cost term in the architecture step
+                                          # (engine/cost.py CostTerm), the derived network's cost against ...
+    cost_target: float = 0.0              # ... this target, in the metric's unit (parameters, multiply-
+                                          # accumulates per image, ms per batch of the latency table) ...
+    cost_weight: float = 1.0              # ... with this weight on max(0, log(expected / target))
+    latency_table: str | None = None      # cost=latency: the JSON `aso-se latency` wrote for this network
     # ---- weights
     lr: float = 0.025
     lr_min: float = 0.001
@@ -229,6 +235,13 @@ class Config:
              "a comma-separated list of depth, width")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
              "choose auto, cpu, cuda or cuda:N")
+        need(self.cost in ("off", "params", "macs", "latency"), "cost", "choose off, params, macs or latency")
+        need(self.cost == "off" or self.cost_target > 0, "cost_target",
+             f"cost={self.cost} needs a positive target in its unit: add --set cost_target=...")
+        need(self.cost_weight >= 0, "cost_weight", "cannot be negative")
+        need(self.cost != "latency" or bool(self.latency_table), "latency_table",
+             "cost=latency needs a table: write one with `aso-se latency --preset NAME --out FILE` (the same "
+             "--set options as the search) and add --set latency_table=FILE")
         if self.search_epochs + self.growth_epochs > 0:
             need(self.val_fraction > 0, "val_fraction", "search needs a val split for architecture steps")
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .genotype import CELL_TYPES, Genotype, edge_index, num_edges
+from .genotype import CELL_TYPES, NONE, Genotype, edge_index, num_edges
 from .network import NetSpec, Network, count_parameters
 from .ops import PRIMITIVES, make_op
 
@@ -112,3 +112,87 @@ def network_cost(spec: NetSpec, genotype: Genotype, image_hw: tuple[int, int]) -
     """The parameters and multiply-accumulates of the whole derived network, counted directly."""
     net = Network(spec, genotype)
     return {"params": count_parameters(net), "macs": macs(net, (1, spec.in_channels, *image_hw))}
+
+
+def cheapest(table: CostTable, metric: str) -> float:
+    """The least a genotype of the table's space can cost: per node, the two edges whose cheapest op (not
+    `none`) costs least."""
+    total = table.fixed[metric]
+    nodes = table.spec.nodes
+    for t in CELL_TYPES:
+        rows = table.edges[metric][t]
+        for node in range(nodes):
+            best = sorted(min(rows[edge_index(node, s)][1:]) for s in range(2 + node))
+            total += best[0] + best[1]
+    return total
+
+
+def fmt(metric: str, value: float) -> str:
+    """A cost for a log line: parameters in thousands, multiply-accumulates in millions, latency in ms."""
+    if metric == "params":
+        return f"{value / 1e3:,.1f}k params"
+    if metric == "macs":
+        return f"{value / 1e6:,.2f}M MACs"
+    return f"{value:,.3f} ms"
+
+
+class CostTerm:
+    """The architecture step's cost term (config `cost`, `cost_target`, `cost_weight`).
+
+    The expected cost of the derived network under the current edge distributions, differentiable in the
+    logits: the fixed part plus, per edge, the probability-weighted cost of its ops, `none` left out and the
+    others renormalized (the derivation never keeps `none`: counting it as free would reward the search for
+    making `none` likely), times the share of its node's edges the derivation keeps (two of the 2 + node).
+    The penalty is MnasNet's hard constraint (Tan et al. 2019) on the loss, in FBNet's log-ratio form (Wu et
+    al. 2019): `cost_weight * max(0, log(expected / target))`: nothing under the target, and over it a pull
+    that doubles in strength with each doubling of cost, whatever the metric's unit.
+    """
+
+    def __init__(self, table: CostTable, metric: str, target: float, weight: float):
+        if metric not in table.edges:
+            raise ValueError(f"the cost table has no {metric!r} entries")
+        self.table, self.metric, self.target, self.weight = table, metric, float(target), float(weight)
+        nodes = table.spec.nodes
+        keep = [0.0] * num_edges(nodes)
+        for node in range(nodes):
+            for src in range(2 + node):
+                keep[edge_index(node, src)] = 2 / (2 + node)
+        self.ops = [k for k in range(len(PRIMITIVES)) if k != NONE]
+        self.rows = {t: (torch.tensor(table.edges[metric][t], dtype=torch.float64)
+                         * torch.tensor(keep, dtype=torch.float64)[:, None])[:, self.ops] for t in CELL_TYPES}
+
+    def expected(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for t in CELL_TYPES:
+            x = logits[t]
+            p = torch.softmax(x[:, self.ops], dim=1)                  # `none` left out
+            term = (p * self.rows[t].to(device=x.device, dtype=x.dtype)).sum()
+            total = term if total is None else total + term
+        return total + self.table.fixed[self.metric]
+
+    def __call__(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.weight * torch.relu(torch.log(self.expected(logits) / self.target))
+
+    def derived(self, genotype: Genotype) -> float:
+        return float(self.table.of(genotype)[self.metric])
+
+    def describe(self, seed: int = 0, n: int = 20) -> dict:
+        """Where the target lies in the space: the cheapest genotype's cost and the mean of n random ones."""
+        rng = np.random.default_rng([seed, 303])
+        mean = float(np.mean([self.derived(Genotype.random(rng, self.table.spec.nodes)) for _ in range(n)]))
+        return {"metric": self.metric, "target": self.target, "cheapest": cheapest(self.table, self.metric),
+                "random_mean": mean}
+
+    def record(self, logits: dict[str, torch.Tensor], genotype: Genotype) -> dict:
+        """The epoch's cost record: expected (the term's quantity), the derived genotype's, the target."""
+        with torch.no_grad():
+            expected = float(self.expected(logits))                  # a host read, at the epoch's end
+        return {"metric": self.metric, "expected": round(expected, 4), "derived": round(self.derived(genotype), 4),
+                "target": self.target}
+
+    def verdict(self, derived: float) -> str | None:
+        """One line when the derived genotype is more than 10% over the target, else None."""
+        if derived <= 1.1 * self.target:
+            return None
+        return (f"the derived genotype's cost, {fmt(self.metric, derived)}, is {100 * (derived / self.target - 1):.0f}% "
+                f"over the target {fmt(self.metric, self.target)}: raise cost_weight or search longer")

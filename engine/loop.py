@@ -23,8 +23,9 @@ import torch
 from . import distributed, growth
 from .arch import PHASES
 from .genotype import Genotype
-from .build import Model, Run
+from .build import Model, Run, same_network
 from .checkpoint import MetricsLog, write_json
+from .cost import fmt as fmt_cost
 from .data import Cycle
 from .errors import TrainingError
 from .network import count_parameters
@@ -123,6 +124,11 @@ class PhaseLoop:
         if budget == 0:
             return
         self.log(f"== {name}: {budget:g} epoch(s)")
+        if name == "search" and run.cost is not None:
+            d = run.cost.describe(cfg.seed)
+            self.log(f"   cost term: {fmt_cost(d['metric'], d['target'])} target, weight {cfg.cost_weight:g} (this "
+                     f"space: cheapest genotype {fmt_cost(d['metric'], d['cheapest'])}, random mean "
+                     f"{fmt_cost(d['metric'], d['random_mean'])})")
         if name in SEARCHING_PHASES and cfg.logit_noise > 0:
             with torch.no_grad():
                 for t in run.arch.parameters():
@@ -215,6 +221,8 @@ class PhaseLoop:
                               searching=ph.searching, compile_totals=self.compile_totals())
         if ph.evaluate:
             record["eval_s"] = round(time.perf_counter() - t_eval, 2)
+        if ph.supernet and run.cost is not None:
+            record["cost"] = run.cost.record(arch.logits, genotype)
         if ph.supernet and self.world.main:
             write_json(os.path.join(self.out, "genotype.json"), genotype.to_json())
         return record
@@ -333,6 +341,13 @@ class PhaseLoop:
                 test = model.steps.evaluate(run.loaders["test"], flip=self.cfg.test_flip)
         final = final_record(test=test, model=model.net, genotype=genotype, wall=wall, progress=p, arch=run.arch,
                              device=run.device)
+        if run.cost is not None:
+            final["cost"] = run.cost.record(run.arch.logits, genotype)
+            if run.final is not None and not same_network(run.final.net.spec, run.cost.table.spec):
+                final["cost"]["note"] = "growth deepened the network: derived is the table's, for the layout before"
+            verdict = run.cost.verdict(final["cost"]["derived"])
+            if verdict:
+                self.log(f"aso-se: WARNING: {verdict}")
         self.check_ranks("at the end")
         if self.world.active:  # the compile monitor of every rank (rank 0 writes final.json)
             final["compile_per_rank"] = distributed.gather_object(self.compile_totals(), self.world)

@@ -11,6 +11,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from .cost import fmt as fmt_cost
 from .network import count_parameters
 from .steps import StepResult
 
@@ -107,6 +108,8 @@ def epoch_line(r: dict) -> str:
             f"| {r['it_s']:.2f} it/s {r['images_s']:.0f} img/s | {r['params']:,} params | "
             + (f"compiles {r['compiles']} recompiles {r['recompiles']} ({r['compile_s']:.0f}s) | "
                if r.get("compiles") or r.get("recompiles") else "")
+            + (f"{fmt_cost(r['cost']['metric'], r['cost']['derived'])} derived, "
+               f"{fmt_cost(r['cost']['metric'], r['cost']['expected'])} expected | " if r.get("cost") else "")
             + f"{fmt_time(r['elapsed_s'])}")
 
 

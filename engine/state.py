@@ -18,6 +18,7 @@ from . import distributed
 from .genotype import Genotype
 from .build import Run, resolve_device
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config
 from .errors import CheckpointError
 from .network import NetSpec
 
@@ -43,8 +44,9 @@ class Progress:
 
 def computed_fields(config: dict) -> dict:
     """The fields a result depends on. The device counts by its kind only: "auto" on a machine without a GPU
-    computes what "cpu" does, so `--resume DIR --device cpu` continues an "auto" run."""
-    fields = {k: v for k, v in config.items() if k not in OBSERVATION_FIELDS}
+    computes what "cpu" does, so `--resume DIR --device cpu` continues an "auto" run. A field the config lacks
+    (written before the field existed) counts at its default, which is what that engine did."""
+    fields = {k: v for k, v in {**Config().to_json(), **config}.items() if k not in OBSERVATION_FIELDS}
     if "device" in fields:
         fields["device"] = resolve_device(fields["device"]).type
     return fields

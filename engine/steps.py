@@ -98,8 +98,9 @@ class Steps:
                  arch_opt: torch.optim.Optimizer | None = None, grad_clip: float = 5.0,
                  label_smoothing: float = 0.0, channels_last: bool = False,
                  generator: torch.Generator | None = None, compile: str = "off", recompile_limit: int = 64,
-                 world: World = SINGLE, grad_sync: str = "allreduce"):
+                 world: World = SINGLE, grad_sync: str = "allreduce", cost_term=None):
         self.net, self.weight_opt, self.arch, self.arch_opt = net, weight_opt, arch, arch_opt
+        self.cost_term = cost_term  # engine/cost.py CostTerm: added to the architecture step's loss
         self.grad_clip, self.label_smoothing = grad_clip, label_smoothing
         self.channels_last = channels_last
         self.generator = generator  # Gumbel noise: seeded and checkpointed, so a resumed run samples the same
@@ -275,8 +276,9 @@ class Steps:
             with nvtx_range("forward"):
                 out = self._forward(self._input(x), phase, grad_arch=True)
                 loss = self.criterion(out, y)
+                objective = loss if self.cost_term is None else loss + self.cost_term(self.arch.logits)
             with nvtx_range("backward"):
-                grads = torch.autograd.grad(loss, logits, allow_unused=True)
+                grads = torch.autograd.grad(objective, logits, allow_unused=True)
         with nvtx_range("optimizer"):
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(logits, grads)]
             for p, g in zip(logits, grads):
