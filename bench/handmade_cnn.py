@@ -53,11 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="one-cycle peak learning rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-subset", type=int, default=0,
+                   help="train on this many images of the official training set, the subset the engine's "
+                        "train_subset draws for --seed (e.g. bench/search_quality.py's recipe with --train-set "
+                        "train_subset=N); 0: all")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    cfg = preset("fashion-mnist")
+    cfg = preset("fashion-mnist").override([f"train_subset={args.train_subset}", f"seed={args.seed}"])
     dataset = load_data(cfg)
     splits = make_splits(dataset, 0.0, args.seed)  # the whole official training set, as the main job's optimize
     augment = train_augment(dataset, flip=True, pad=2)

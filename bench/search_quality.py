@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         r["ri"] = round(s["ri"], 3) if s else None
     print_table([{**r, "test_acc": 100 * r["test_acc"]} for r in rows],
                 ["name", "kind", "test_acc", "params", "macs", "latency_ms", "train_s", "param_free_normal",
-                 "param_free_reduce", "rank", "ri"], title=f"search quality: {args.preset}, {args.epochs:g} training epoch(s), training seeds "
-                              f"{train_seeds}")
+                 "param_free_reduce", "rank", "ri"],
+                title=f"search quality: {args.preset}, {args.epochs:g} training epoch(s), training seeds {train_seeds}")
     if summary:
         print(f"random: {100 * summary['random_mean']:.2f} +- {100 * summary['random_sd']:.2f}% "
               f"(n={summary['random_n']})")

@@ -194,5 +194,6 @@ class CostTerm:
         """One line when the derived genotype is more than 10% over the target, else None."""
         if derived <= 1.1 * self.target:
             return None
-        return (f"the derived genotype's cost, {fmt(self.metric, derived)}, is {100 * (derived / self.target - 1):.0f}% "
+        over = 100 * (derived / self.target - 1)
+        return (f"the derived genotype's cost, {fmt(self.metric, derived)}, is {over:.0f}% "
                 f"over the target {fmt(self.metric, self.target)}: raise cost_weight or search longer")

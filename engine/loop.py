@@ -25,7 +25,7 @@ from .arch import PHASES
 from .genotype import Genotype
 from .build import Model, Run, same_network
 from .checkpoint import MetricsLog, write_json
-from .cost import fmt as fmt_cost
+from .cost import fmt as fmt_cost, macs as count_macs
 from .data import Cycle
 from .errors import TrainingError
 from .network import count_parameters
@@ -341,6 +341,8 @@ class PhaseLoop:
                 test = model.steps.evaluate(run.loaders["test"], flip=self.cfg.test_flip)
         final = final_record(test=test, model=model.net, genotype=genotype, wall=wall, progress=p, arch=run.arch,
                              device=run.device)
+        if run.final is not None:  # the trained network's multiply-accumulates per image (engine/cost.py)
+            final["macs"] = count_macs(model.net, (1, *run.dataset.image_shape))
         if run.cost is not None:
             final["cost"] = run.cost.record(run.arch.logits, genotype)
             if run.final is not None and not same_network(run.final.net.spec, run.cost.table.spec):

@@ -6,6 +6,8 @@
     RUN/report/architecture.{png,svg}  per-edge op probabilities (softmax of the logits) at the end of each
                                        supernet epoch, normal and reduction cell
     RUN/report/sampling.{png,svg}      mean entropy over the epochs and the sampled-op histogram of the search
+    RUN/report/cost.{png,svg}          with a cost term (config `cost`): accuracy against the derived genotype's
+                                       cost over the search, the target, and the trained network
     RUN/report/cell_{normal,reduce}.{png,svg,dot}   the derived cells (inputs c_{k-2}, c_{k-1}, the nodes, one
                                        op per edge, the concat), in the DARTS style
 
@@ -206,6 +208,45 @@ def sampling(run: dict, out: str) -> list[str] | None:
     return _save(fig, out, "sampling")
 
 
+def cost_figure(run: dict, out: str) -> list[str] | None:
+    """Accuracy against the derived genotype's cost: per supernet epoch (val accuracy, the cost the term's table
+    gives the genotype derived then, and the expected cost), the target, and the trained network's test accuracy
+    at its cost. Drawn when the run searched with a cost term (config `cost`)."""
+    points = [r for r in run["epochs"] if r.get("cost") and r["phase"] != "optimize"]
+    if not points:
+        return None
+    from .cost import fmt
+    metric, target = points[-1]["cost"]["metric"], points[-1]["cost"]["target"]
+    plt = _plt()
+    fig, (acc, cost) = plt.subplots(1, 2, figsize=(10, 3.8))
+    xs = [r["cost"]["derived"] for r in points]
+    acc.plot(xs, [100 * (r.get("val_acc") or float("nan")) for r in points], marker="o", ms=4, color="#555",
+             label="derived genotype after each supernet epoch (val accuracy)")
+    for r in points:
+        acc.annotate(f"{r['phase'][0]}{r['epoch']}", (r["cost"]["derived"], 100 * (r.get("val_acc") or 0)),
+                     fontsize=7, xytext=(3, 3), textcoords="offset points")
+    final = run["final"]
+    if final and final.get("cost"):
+        at = final.get(metric, final["cost"]["derived"])     # params and MACs of the trained network, counted
+        acc.scatter([at], [100 * final["test_acc"]], marker="*", s=120, color="#d95f02",
+                    zorder=3, label=f"trained network: test {100 * final['test_acc']:.2f}%")
+    acc.axvline(target, color="k", ls="--", lw=1, label=f"target {fmt(metric, target)}")
+    acc.set_xlabel(f"cost of the derived genotype ({metric})")
+    acc.set_ylabel("accuracy (%)")
+    acc.legend(fontsize=7)
+    x = [r["global_epoch"] for r in points]
+    cost.plot(x, [r["cost"]["derived"] for r in points], marker="o", ms=3, label="derived genotype")
+    cost.plot(x, [r["cost"]["expected"] for r in points], marker="s", ms=3, label="expected (the term's quantity)")
+    cost.axhline(target, color="k", ls="--", lw=1, label="target")
+    cost.set_xlabel("epoch (supernet phases)")
+    cost.set_ylabel(metric)
+    cost.legend(fontsize=7)
+    for ax in (acc, cost):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{os.path.basename(os.path.abspath(run['dir']))}: accuracy and cost", y=1.02)
+    return _save(fig, out, "cost")
+
+
 def _edge_names(edges: int) -> list[tuple[int, str]]:
     names, node = [], 0
     while len(names) < edges:
@@ -365,6 +406,9 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     if final and final.get("compile_per_rank"):
         parts.append(_table([{"rank": i, **c} for i, c in enumerate(final["compile_per_rank"])],
                             ["rank", "compiles", "recompiles", "compile_s"]))
+    costs = cost_figure(run, out)
+    if costs:
+        parts.append("<h2>Accuracy and cost</h2>" + _img(costs[0], "accuracy against the derived network's cost"))
     epoch_cols = ["phase", "epoch", "train_loss", "train_acc", "val_acc", "arch_acc", "lr", "tau", "mean_entropy",
                   "params", "it_s", "elapsed_s"]
     parts.append("<h2>Epochs</h2>" + _table(epochs, epoch_cols))

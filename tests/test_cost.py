@@ -12,6 +12,7 @@ from engine.cost import CostTerm, cheapest, cost_table, network_cost
 from engine.errors import ConfigError
 from engine.genotype import CELL_TYPES, NONE, Genotype, edge_index
 from engine.ops import PRIMITIVES
+from engine.report import write_report
 from engine.network import darts_spec, derived_spec
 
 
@@ -139,5 +140,8 @@ def test_a_search_under_a_cost_target_derives_a_cheaper_network_and_reports_it(t
     warmup = [r["cost"]["expected"] for r in records if r.get("phase") == "warmup"]
     assert search[-1] < warmup[-1]                       # the term moved the distributions toward cheap ops
     assert "cost term:" in out and "random mean" in out
+    page = open(write_report(str(tmp_path / "on"))).read()
+    assert "Accuracy and cost" in page and (tmp_path / "on" / "report" / "cost.png").exists()
+    assert "Accuracy and cost" not in open(write_report(str(tmp_path / "off"))).read()
     if on["cost"]["derived"] > 1.1 * target:
         assert "over the target" in out

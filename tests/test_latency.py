@@ -73,7 +73,8 @@ def test_check_genotypes_span_the_cost_range():
     named = latency.check_genotypes(np.random.default_rng(0), 4, 4)
     shares = {k: g.param_free_fraction() for k, g in named.items()}
     assert sum(k.startswith("random") for k in named) == 4
-    assert shares["free000-0"] == {"normal": 0.0, "reduce": 0.0} and shares["free100-3"] == {"normal": 1.0, "reduce": 1.0}
+    assert shares["free000-0"] == {"normal": 0.0, "reduce": 0.0}
+    assert shares["free100-3"] == {"normal": 1.0, "reduce": 1.0}
 
 
 def test_aso_se_latency_writes_a_table_a_search_can_read(tmp_path, capsys):

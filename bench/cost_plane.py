@@ -1,0 +1,184 @@
+"""The accuracy-cost plane: searched genotypes under a cost target against random ones, trained alike.
+
+    python bench/cost_plane.py --results bench/results/cost-macs-2026-12-05.json \
+        --results bench/results/cost-latency-2026-12-05.json --handmade bench/results/handmade_cnn-1ep-20k.json \
+        --json bench/results/cost-plane-2026-12-05.json --figure bench/results/cost-plane-2026-12-05
+
+Reads bench/search_quality.py results files (run with --latency-table, so every row has its MACs and table
+latency; the searches' cost settings are in each file's `search_set`), and for every distinct genotype measures
+the latency of its whole network (engine/latency.py `steady_ms`, eval mode, `--batch`, `--threads`). Then per
+cost (MACs, measured latency):
+- a line of accuracy against log cost, least squares over the random genotypes;
+- per searched genotype: its cost as a share of the random mean, its accuracy above or below the line, and the
+  random genotypes that dominate it (higher accuracy and lower cost);
+- the random genotypes' Pareto front.
+The figure draws both planes: random genotypes, their front and line, the searched ones by cost metric, the main
+job's genotype (trained with the same recipe) and the hand-made CNN (bench/handmade_cnn.py trained on the same
+images for the same epochs, with its own optimizer recipe; --handmade is its --json file, one per seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from common import print_table, write_json  # (puts the project on sys.path)
+import numpy as np
+import torch
+
+from engine.build import final_spec, load_data
+from engine.config import Config
+from engine.cost import macs as count_macs
+from engine.genotype import Genotype
+from engine.latency import forward_fn, network_fn, steady_ms
+from engine.network import count_parameters
+
+COSTS = (("macs", "multiply-accumulates per image"), ("measured_ms", "measured latency, ms"))
+
+
+def read_rows(paths: list[str]) -> tuple[list[dict], Config]:
+    """Every row of the files, each searched one named after its file's cost metric; random rows once."""
+    rows, seen, recipe = [], set(), None
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        recipe = data["protocol"]["recipe"]
+        sets = dict(kv.split("=", 1) for kv in data["protocol"]["search_set"])
+        metric = sets.get("cost", "off")
+        for r in data["records"]:
+            if r["kind"] == "random":
+                if r["name"] in seen:
+                    continue
+                seen.add(r["name"])
+                rows.append(dict(r, group="random"))
+            elif r["name"].startswith("search"):
+                rows.append(dict(r, name=f"{metric}:{r['name']}", group=f"searched, cost={metric}"))
+            elif r["name"] not in seen:             # a --genotype file: the main job's
+                seen.add(r["name"])
+                rows.append(dict(r, group="main job"))
+    return rows, Config.from_json(recipe, "recipe")
+
+
+def fit(rows: list[dict], cost: str) -> tuple[float, float]:
+    """(intercept, slope) of accuracy against ln(cost), least squares."""
+    x = np.log([r[cost] for r in rows])
+    y = np.array([r["test_acc"] for r in rows])
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(slope)
+
+
+def front(rows: list[dict], cost: str) -> list[dict]:
+    """The rows no other row beats in both accuracy and cost, by increasing cost."""
+    out = [r for r in rows if not any(o[cost] <= r[cost] and o["test_acc"] >= r["test_acc"] and
+                                      (o[cost] < r[cost] or o["test_acc"] > r["test_acc"]) for o in rows)]
+    return sorted(out, key=lambda r: r[cost])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", action="append", required=True, help="a search_quality --json file, repeatable")
+    p.add_argument("--handmade", action="append", default=[], help="a handmade_cnn.py --json file, repeatable")
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass for the measured latency")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    p.add_argument("--figure", default=None, help="write FIGURE.png and FIGURE.svg")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    rows, recipe = read_rows(args.results)
+    data = load_data(recipe)
+    spec, hw = final_spec(recipe, data), tuple(data.image_shape[1:])
+    device = torch.device("cpu")
+    genotypes = {r["name"]: Genotype.from_json(r["genotype_json"]) for r in rows}
+    fns = {name: network_fn(spec, g, hw, args.batch, device, True) for name, g in genotypes.items()}
+    handmade = None
+    if args.handmade:
+        from handmade_cnn import handmade_cnn
+        net = handmade_cnn(data.image_shape[0], data.num_classes)
+        accs = []
+        for path in args.handmade:
+            with open(path) as f:
+                accs.append(json.load(f)["records"][-1]["test_acc"] / 100)
+        handmade = {"name": "hand-made CNN", "group": "hand-made CNN", "test_acc": statistics.fmean(accs),
+                    "per_seed": accs, "params": count_parameters(net), "macs": count_macs(net, (1, *data.image_shape))}
+        fns[handmade["name"]] = forward_fn(net, (args.batch, *data.image_shape), device, True)
+    timed = steady_ms(fns, device)
+    for r in rows + ([handmade] if handmade else []):
+        r["measured_ms"] = round(timed[r["name"]], 4)
+
+    random = [r for r in rows if r["group"] == "random"]
+    report = {"costs": {}}
+    for cost, _ in COSTS:
+        a, b = fit(random, cost)
+        mean = statistics.fmean(r[cost] for r in random)
+        out = {"line": {"intercept": a, "slope_per_ln": b}, "random_mean": mean,
+               "front": [r["name"] for r in front(random, cost)], "rows": {}}
+        for r in rows + ([handmade] if handmade else []):
+            if r["group"] == "random":
+                continue
+            dominated_by = [o["name"] for o in random if o[cost] < r[cost] and o["test_acc"] > r["test_acc"]]
+            out["rows"][r["name"]] = {
+                "cost": r[cost], "share_of_random_mean": r[cost] / mean, "test_acc": r["test_acc"],
+                "above_line": r["test_acc"] - (a + b * np.log(r[cost])), "dominated_by": dominated_by}
+        report["costs"][cost] = out
+
+    table = [{"name": r["name"], "group": r["group"], "test_acc": 100 * r["test_acc"], "params": r["params"],
+              "macs_M": r["macs"] / 1e6, "table_ms": r.get("latency_ms"), "measured_ms": r["measured_ms"]}
+             for r in rows + ([handmade] if handmade else [])]
+    print_table(table, ["name", "group", "test_acc", "params", "macs_M", "table_ms", "measured_ms"],
+                title=f"accuracy and cost ({recipe.optimize_epochs:g} epoch(s), latency at batch {args.batch}, "
+                      f"{args.threads} thread(s))")
+    for cost, label in COSTS:
+        c = report["costs"][cost]
+        print(f"\n{label}: random mean {c['random_mean']:.4g}; line acc = {100 * c['line']['intercept']:.2f} "
+              f"{100 * c['line']['slope_per_ln']:+.3f} x ln(cost) (points of accuracy)")
+        for name, s in c["rows"].items():
+            print(f"  {name:<22} {100 * s['share_of_random_mean']:5.1f}% of the random mean cost, "
+                  f"{100 * s['above_line']:+.2f} points off the line, dominated by {len(s['dominated_by'])} random")
+    if args.figure:
+        draw(rows, handmade, report, args.figure, args.batch)
+    write_json(args.json, table, protocol={"results": args.results, "handmade": args.handmade, "batch": args.batch,
+                                           "threads": args.threads}, report=report)
+    return 0
+
+
+STYLE = {"random": dict(c="0.55", marker="o", s=22), "main job": dict(c="tab:purple", marker="*", s=120),
+         "hand-made CNN": dict(c="black", marker="s", s=40),
+         "searched, cost=macs": dict(c="tab:red", marker="^", s=55),
+         "searched, cost=latency": dict(c="tab:blue", marker="v", s=55),
+         "searched, cost=params": dict(c="tab:green", marker="D", s=40)}
+
+
+def draw(rows: list[dict], handmade: dict | None, report: dict, out: str, batch: int) -> None:
+    from engine.report import _plt
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    points = rows + ([handmade] if handmade else [])
+    random = [r for r in rows if r["group"] == "random"]
+    for ax, (cost, label) in zip(axes, COSTS):
+        for group in dict.fromkeys(r["group"] for r in points):
+            sel = [r for r in points if r["group"] == group]
+            ax.scatter([r[cost] for r in sel], [100 * r["test_acc"] for r in sel], label=group, zorder=3,
+                       **STYLE.get(group, dict(c="tab:orange", marker="x", s=40)))
+        f = front(random, cost)
+        ax.step([r[cost] for r in f], [100 * r["test_acc"] for r in f], where="post", c="0.55", lw=1,
+                label="random: Pareto front")
+        line = report["costs"][cost]["line"]
+        xs = np.geomspace(min(r[cost] for r in points), max(r[cost] for r in points), 50)
+        ax.plot(xs, 100 * (line["intercept"] + line["slope_per_ln"] * np.log(xs)), ls="--", c="0.3", lw=1,
+                label="random: fitted line")
+        ax.set_xscale("log")
+        ax.set_xlabel(label + (f" (batch {batch}, CPU)" if cost == "measured_ms" else ""))
+        ax.set_ylabel("test accuracy, %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        fig.savefig(f"{out}.{ext}", dpi=110, bbox_inches="tight", **({"metadata": {"Date": None}} if ext == "svg"
+                                                                       else {}))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
