@@ -139,13 +139,19 @@ def fmt(metric: str, value: float) -> str:
 class CostTerm:
     """The architecture step's cost term (config `cost`, `cost_target`, `cost_weight`).
 
-    The expected cost of the derived network under the current edge distributions, differentiable in the
-    logits: the fixed part plus, per edge, the probability-weighted cost of its ops, `none` left out and the
-    others renormalized (the derivation never keeps `none`: counting it as free would reward the search for
-    making `none` likely), times the share of its node's edges the derivation keeps (two of the 2 + node).
     The penalty is MnasNet's hard constraint (Tan et al. 2019) on the loss, in FBNet's log-ratio form (Wu et
-    al. 2019): `cost_weight * max(0, log(expected / target))`: nothing under the target, and over it a pull
-    that doubles in strength with each doubling of cost, whatever the metric's unit.
+    al. 2019): `cost_weight * max(0, log(cost / target))`: nothing under the target, and over it a pull that
+    doubles in strength with each doubling of cost, whatever the metric's unit.
+
+    Its value is the cost of the genotype the derivation would give now (two edges per node, the best op on
+    each, no caps: `derived_cost`, on the device), so the pull stops once the derived network fits the target.
+    Its gradient is that of the log of the expected cost (straight through): the fixed part plus, per edge, the
+    probability-weighted cost of its ops, `none` left out and the others renormalized (the derivation never
+    keeps `none`: counting it as free would reward making `none` likely), times the share of its node's edges
+    the derivation keeps (two of the 2 + node). A penalty on the expected cost alone went on pulling after the
+    derived genotype was under the target, since the expectation keeps mass on the ops not chosen: on
+    Fashion-MNIST both searches of a target at 0.52x the random genotypes' mean ended at the cheapest genotype
+    of the space, every edge a pool or a skip (docs/cost.md).
     """
 
     def __init__(self, table: CostTable, metric: str, target: float, weight: float):
@@ -158,6 +164,8 @@ class CostTerm:
             for src in range(2 + node):
                 keep[edge_index(node, src)] = 2 / (2 + node)
         self.ops = [k for k in range(len(PRIMITIVES)) if k != NONE]
+        self._cache: dict = {}
+        self.full = {t: torch.tensor(table.edges[metric][t], dtype=torch.float64)[:, self.ops] for t in CELL_TYPES}
         self.rows = {t: (torch.tensor(table.edges[metric][t], dtype=torch.float64)
                          * torch.tensor(keep, dtype=torch.float64)[:, None])[:, self.ops] for t in CELL_TYPES}
 
@@ -166,12 +174,38 @@ class CostTerm:
         for t in CELL_TYPES:
             x = logits[t]
             p = torch.softmax(x[:, self.ops], dim=1)                  # `none` left out
-            term = (p * self.rows[t].to(device=x.device, dtype=x.dtype)).sum()
+            term = (p * self._on(self.rows, t, x)).sum()
             total = term if total is None else total + term
         return total + self.table.fixed[self.metric]
 
+    def _on(self, tables: dict, t: str, like: torch.Tensor) -> torch.Tensor:
+        """`tables[t]` on `like`'s device and dtype, copied there once (no copy from the host in a step)."""
+        key = (id(tables), t, like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = tables[t].to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
+    @torch.no_grad()
+    def derived_cost(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The cost of the genotype the DARTS rule derives from `logits` (Genotype.from_probabilities without
+        its caps), computed on the logits' device: no host read in the step."""
+        total = None
+        nodes = self.table.spec.nodes
+        for t in CELL_TYPES:
+            x = logits[t]
+            strength, op = torch.softmax(x.float(), dim=1)[:, self.ops].max(dim=1)   # best op that is not `none`
+            cost = self._on(self.full, t, x).gather(1, op[:, None]).squeeze(1)
+            for node in range(nodes):
+                lo = edge_index(node, 0)
+                kept = strength[lo:lo + 2 + node].topk(2).indices
+                term = cost[lo:lo + 2 + node][kept].sum()
+                total = term if total is None else total + term
+        return total + self.table.fixed[self.metric]
+
     def __call__(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.weight * torch.relu(torch.log(self.expected(logits) / self.target))
+        expected = self.expected(logits)
+        cost = expected * (self.derived_cost(logits).to(expected.dtype) / expected.detach())  # value: derived
+        return self.weight * torch.relu(torch.log(cost / self.target))
 
     def derived(self, genotype: Genotype) -> float:
         return float(self.table.of(genotype)[self.metric])

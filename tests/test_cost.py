@@ -83,6 +83,32 @@ def test_the_expected_cost_leaves_none_out_and_weights_edges_by_what_the_derivat
     assert term.derived(Genotype.random(np.random.default_rng(0), nodes)) > table.fixed["macs"]
 
 
+def test_the_derived_cost_is_the_cost_of_the_genotype_the_derivation_gives():
+    term = _term()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        logits = {t: torch.randn(14, 8, generator=gen) for t in CELL_TYPES}
+        probs = {t: torch.softmax(logits[t], 1) for t in CELL_TYPES}
+        g = Genotype.from_probabilities(probs, 4)
+        assert float(term.derived_cost(logits)) == pytest.approx(term.derived(g))
+
+
+def test_the_penalty_values_the_derived_genotype_and_stops_pulling_once_it_fits():
+    term = _term()
+    logits = {t: torch.zeros(14, 8, requires_grad=True) for t in CELL_TYPES}
+    for t in CELL_TYPES:
+        with torch.no_grad():
+            logits[t][:, PRIMITIVES.index("max_pool_3x3")] = 1.0    # the derivation picks pools everywhere
+    derived = float(term.derived_cost(logits))
+    assert derived < float(term.expected(logits).detach())           # the expectation still holds the convs
+    at = CostTerm(term.table, "macs", target=1.01 * derived, weight=1.0)
+    value = at(logits)
+    value.backward()
+    assert float(value.detach()) == 0.0 and all(float(logits[t].grad.abs().sum()) == 0 for t in CELL_TYPES)
+    over = CostTerm(term.table, "macs", target=0.5 * derived, weight=1.0)
+    assert float(over(logits).detach()) == pytest.approx(np.log(2.0))
+
+
 def test_the_penalty_is_zero_under_the_target_and_pulls_toward_cheap_ops_over_it():
     logits = {t: torch.zeros(14, 8, requires_grad=True) for t in CELL_TYPES}
     under = _term(target=1e12)
@@ -99,7 +125,7 @@ def test_the_penalty_is_zero_under_the_target_and_pulls_toward_cheap_ops_over_it
     assert float(term.expected(logits).detach()) < 0.8 * start
     # the pull goes to the ops that cost least: on the normal cell's first edge, a pool gains on sep_conv_5x5
     sep5, pool = PRIMITIVES.index("sep_conv_5x5"), PRIMITIVES.index("max_pool_3x3")
-    assert float(logits["normal"][0, pool]) > float(logits["normal"][0, sep5])
+    assert float(logits["normal"][0, pool].detach()) > float(logits["normal"][0, sep5].detach())
 
 
 def test_cheapest_is_a_lower_bound_that_a_genotype_reaches():

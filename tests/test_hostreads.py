@@ -70,9 +70,10 @@ def test_step_reads_per_phase(tmp_path, sync_free):
     assert all("arch.py" in site for r in counts.values() for site in r.sites)  # the sample's routing read
 
 
-@pytest.mark.parametrize("phase", ["search", "growth"])
-def test_a_search_iteration_reads_once(tmp_path, sync_free, phase):
-    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=_quiet)
+@pytest.mark.parametrize("phase, cost", [("search", []), ("growth", []), ("search", ["cost=macs", "cost_target=1"])])
+def test_a_search_iteration_reads_once(tmp_path, sync_free, phase, cost):
+    """With a cost term too: the derived genotype's cost is computed on the device (engine/cost.py)."""
+    trainer = Trainer(preset("smoke").override(cost), str(tmp_path / "run"), log=_quiet)
     steps, arch = trainer.steps, trainer.arch
     train, val = Cycle(trainer.loaders["train"]), Cycle(trainer.loaders["arch"])
     steps.weight_step(*next(train), phase)  # optimizer state
