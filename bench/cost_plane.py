@@ -27,7 +27,7 @@ from common import print_table, write_json  # (puts the project on sys.path)
 import numpy as np
 import torch
 
-from engine.build import final_spec, load_data
+from engine.build import load_data, optimize_spec
 from engine.config import Config
 from engine.cost import macs as count_macs
 from engine.genotype import Genotype
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, recipe = read_rows(args.results)
     data = load_data(recipe)
-    spec, hw = final_spec(recipe, data), tuple(data.image_shape[1:])
+    spec, hw = optimize_spec(recipe, data), tuple(data.image_shape[1:])
     device = torch.device("cpu")
     genotypes = {r["name"]: Genotype.from_json(r["genotype_json"]) for r in rows}
     fns = {name: network_fn(spec, g, hw, args.batch, device, True) for name, g in genotypes.items()}

@@ -39,7 +39,7 @@ import numpy as np
 
 from common import print_table, write_json
 
-from engine.build import final_spec, load_data, same_network
+from engine.build import load_data, optimize_spec, same_network
 from engine.genotype import CELL_TYPES, Genotype
 from engine.cli import TRAIN_ONLY
 from engine.config import Config, preset
@@ -244,7 +244,7 @@ def genotype_costs(recipe: Config, latency_table: str | None = None):
     """A function giving a genotype's multiply-accumulates per image (exact, on the recipe's network) and, with
     a latency table of that network, its predicted latency in ms (engine/cost.py, engine/latency.py)."""
     data = load_data(recipe)
-    spec, hw = final_spec(recipe, data), tuple(data.image_shape[1:])
+    spec, hw = optimize_spec(recipe, data), tuple(data.image_shape[1:])
     table = cost_table(spec, hw)
     lat = load_table(latency_table) if latency_table else None
     if lat is not None and (not same_network(lat.spec, spec) or tuple(lat.image_hw) != hw):

@@ -84,17 +84,21 @@ def make_deterministic(device: torch.device) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no deterministic kernel warns, once
 
 
-def image_options(cfg: Config) -> dict:
-    """The imagefolder reader's settings; DALI decodes on the GPU (nvJPEG) when the run uses one."""
-    gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+def image_options(cfg: Config, device: torch.device | None = None) -> dict:
+    """The imagefolder reader's settings; DALI decodes on the GPU (nvJPEG) when the run computes on one:
+    `device`, the device the run resolved, or, where a caller has none (`aso-se data`), the config's."""
+    if device is not None:
+        gpu = device.type == "cuda"
+    else:
+        gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     return dict(image_size=cfg.image_size, cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images,
                 holdout_fraction=cfg.holdout_fraction, holdout_seed=cfg.holdout_seed, device="cuda" if gpu else "cpu")
 
 
-def load_data(cfg: Config) -> Dataset:
+def load_data(cfg: Config, device: torch.device | None = None) -> Dataset:
     """The config's data set, cut to `train_subset` samples of the official training set when set, its training
-    labels shuffled when `shuffle_labels` is set."""
-    dataset = load_dataset(cfg.dataset, cfg.data_dir, images=image_options(cfg), n_train=cfg.synthetic_train,
+    labels shuffled when `shuffle_labels` is set. `device`: the one the run computes on (where images decode)."""
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, images=image_options(cfg, device), n_train=cfg.synthetic_train,
                            n_test=cfg.synthetic_test, size=cfg.synthetic_size, channels=cfg.synthetic_channels,
                            seed=cfg.seed)
     if cfg.train_subset and cfg.train_subset < len(dataset.train_labels):
@@ -231,7 +235,7 @@ def supernet_spec(cfg: Config, dataset: Dataset) -> NetSpec:
                       cfg.stem_stride, cfg.gate_ops)
 
 
-def final_spec(cfg: Config, dataset: Dataset) -> NetSpec:
+def optimize_spec(cfg: Config, dataset: Dataset) -> NetSpec:
     """The network the optimize phase trains, as far as the config knows it before any growth event: the
     supernet's layout at the derived width and stem stride (width growth does not change it; a depth event
     adds cells)."""
@@ -243,7 +247,7 @@ def build_cost_term(cfg: Config, dataset: Dataset) -> CostTerm | None:
     multiply-accumulates counted from the shapes, latency from the table of `latency_table`."""
     if cfg.cost == "off":
         return None
-    spec, hw = final_spec(cfg, dataset), tuple(dataset.image_shape[1:])
+    spec, hw = optimize_spec(cfg, dataset), tuple(dataset.image_shape[1:])
     if cfg.cost == "latency":
         table = load_table(cfg.latency_table)
         if not same_network(table.spec, spec) or tuple(table.image_hw) != hw:
@@ -269,7 +273,7 @@ def build_run(cfg: Config) -> Run:
     seed_everything(cfg.seed)
     if cfg.deterministic:
         make_deterministic(device)
-    dataset = load_data(cfg)
+    dataset = load_data(cfg, device)
     splits = make_splits(dataset, cfg.val_fraction, cfg.seed)
     augment = train_augment(dataset, cfg.flip, cfg.crop_pad)
     loaders = make_loaders(cfg, splits, augment, device, world)

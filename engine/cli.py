@@ -180,7 +180,7 @@ def cmd_export(args) -> int:
 def cmd_latency(args) -> int:
     import numpy as np
 
-    from .build import final_spec, load_data, resolve_device
+    from .build import load_data, optimize_spec, resolve_device
     from .checkpoint import write_json
     from .latency import check, check_genotypes, latency_table, to_json
     if args.batch <= 0:
@@ -195,7 +195,7 @@ def cmd_latency(args) -> int:
     cfg = _config(args)
     device = resolve_device(cfg.device)
     dataset = load_data(cfg)
-    spec, hw = final_spec(cfg, dataset), dataset.image_shape[1:]
+    spec, hw = optimize_spec(cfg, dataset), dataset.image_shape[1:]
     out = args.out or f"latency-{args.preset}-{device.type}-b{args.batch}.json"
     print(f"timing every op at every cell's input shape: batch {args.batch}, {device}, "
           f"{torch_threads()} CPU thread(s)", file=sys.stderr, flush=True)

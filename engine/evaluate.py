@@ -28,7 +28,7 @@ def evaluate_checkpoint(path: str, split: str = "test", device: str = "auto", da
     if data_dir is not None:
         cfg.data_dir = data_dir
     dev = resolve_device(device)
-    dataset = load_data(cfg)
+    dataset = load_data(cfg, dev)
     x, y = make_splits(dataset, cfg.val_fraction, cfg.seed)[split]
     loader = make_loader(cfg.loader, x, y, cfg.eval_batch_size, train=False, augment=train_augment(dataset),
                          device=dev, seed=cfg.seed)

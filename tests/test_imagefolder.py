@@ -231,3 +231,17 @@ def test_a_jpeg_folder_searches_end_to_end_and_exports(tmp_path, capsys):
     out = capsys.readouterr()
     assert "read from the cache" in out.out and "decoding" not in out.err
     assert snapshot(root) == before
+
+
+def test_images_decode_where_the_run_computes():
+    """The resolved device decides (a CUDA run's checkpoint evaluated on a CPU machine decodes on the CPU);
+    without one, the config's."""
+    import torch
+
+    from engine.build import image_options
+    from engine.config import preset
+    cuda_cfg = preset("smoke").override(["device=cuda"])
+    assert image_options(cuda_cfg, torch.device("cpu"))["device"] == "cpu"
+    assert image_options(preset("smoke"), torch.device("cuda"))["device"] == "cuda"
+    assert image_options(preset("smoke").override(["device=cpu"]))["device"] == "cpu"
+    assert image_options(cuda_cfg)["device"] == "cuda"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import latency
-from engine.build import build_cost_term, final_spec, load_data
+from engine.build import build_cost_term, load_data, optimize_spec
 from engine.cli import main
 from engine.config import preset
 from engine.errors import ConfigError
@@ -27,7 +27,7 @@ def test_table_sums_the_ops_of_a_genotype_and_calibrates_the_fixed_part_on_probe
     """With a fake clock (each call 'takes' a fixed time per module), the table's prediction of every network is
     exact, and the fixed part is what the probes' time leaves after their edges."""
     cfg = preset("smoke")
-    spec, hw = final_spec(cfg, load_data(cfg)), (cfg.synthetic_size, cfg.synthetic_size)
+    spec, hw = optimize_spec(cfg, load_data(cfg)), (cfg.synthetic_size, cfg.synthetic_size)
     ops_ms = {}
 
     def fake(fns, device, rounds=5, warmup=3, progress=None):
