@@ -16,7 +16,9 @@ train time; then the random mean +- sd, each searched genotype's rank among the 
 all of them) and its relative improvement RI = 100 x (acc_searched - mean_random) / mean_random.
 
 Every finished search and training is kept in --work as one JSON file keyed by its full config, so an
-interrupted protocol continues where it stopped. `--shard K/N` runs N processes on one --work: each claims
+interrupted protocol continues where it stopped. The key does not hold the CPU thread count, which moves float
+results (one and two threads differ by up to half a point): each record notes its threads, and the table says so
+when the records it uses were computed with different counts. `--shard K/N` runs N processes on one --work: each claims
 the next search or training no other live process holds (a .claim file beside the record; a killed process's
 claim is taken over), so the shards balance however much of the work is cached. Run the shards side by side,
 then once without --shard to collect the table (it waits for work a shard still holds). `--import FILE` enters
@@ -36,6 +38,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from common import print_table, write_json
 
@@ -162,6 +165,7 @@ def search(cfg: Config, seed: int, work: str, busy: str = "wait") -> dict:
         trainer = Trainer(c, run_dir, log=_log(f"search seed {seed}"))
         final = trainer.run()
         return {"seed": seed, "genotype": final["genotype"], "search_s": final["wall_s"],
+                "threads": torch.get_num_threads(),
                 "probabilities": {t: trainer.arch.probabilities(t).tolist() for t in CELL_TYPES}}
     return _cached(work, f"search-seed{seed}", _key(c.to_json()), run, busy)
 
@@ -180,7 +184,8 @@ def train(cfg: Config, name: str, genotype: Genotype, seed: int, work: str, busy
     def run(run_dir: str) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         final = Trainer(c, run_dir, genotype=genotype, log=_log(f"{name} seed {seed}")).run()
-        return {"test_acc": final["test_acc"], "params": final["params"], "train_s": final["wall_s"]}
+        return {"test_acc": final["test_acc"], "params": final["params"], "train_s": final["wall_s"],
+                "threads": torch.get_num_threads()}
     return _cached(work, *_train_record(cfg, name, genotype, seed), run, busy)
 
 
@@ -385,12 +390,17 @@ def main(argv: list[str] | None = None) -> int:
                          "params": runs[0]["params"], "train_s": sum(r["train_s"] for r in runs) / len(runs),
                          "param_free_normal": free["normal"], "param_free_reduce": free["reduce"],
                          "per_seed": [r["test_acc"] for r in runs],
-                         "per_seed_train_s": [r["train_s"] for r in runs], **costs(g), "genotype": str(g),
+                         "per_seed_train_s": [r["train_s"] for r in runs], "threads": [r.get("threads") for r in runs],
+                         **costs(g), "genotype": str(g),
                          "genotype_json": g.to_json()})
     except AsoseError as e:
         print(f"search_quality: error: {e}", file=sys.stderr)
         return e.exit_code
 
+    threads = sorted({t for r in rows for t in r["threads"] if t is not None})
+    if len(threads) > 1:
+        print(f"search_quality: NOTE: these records were computed with {threads} CPU threads; float sums round "
+              f"differently with each, so the same training can differ by up to half a point")
     random_accs = [r["test_acc"] for r in rows if r["kind"] == "random"]
     summary = summarize(random_accs, {r["name"]: r["test_acc"] for r in rows if r["kind"] == "searched"}) \
         if random_accs else None
