@@ -187,6 +187,8 @@ def cmd_latency(args) -> int:
         raise ConfigError(f"--batch must be positive, got {args.batch}")
     if args.check < 0:
         raise ConfigError(f"--check must be 0 (no check) or a number of networks, got {args.check}")
+    if args.rounds <= 0 or args.probes <= 0:
+        raise ConfigError(f"--rounds and --probes must be positive, got {args.rounds} and {args.probes}")
     if args.threads is not None:
         if args.threads <= 0:
             raise ConfigError(f"--threads must be positive, got {args.threads}")
@@ -203,7 +205,8 @@ def cmd_latency(args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"  round {done}/{total}", file=sys.stderr, flush=True)
 
-    table = latency_table(spec, hw, args.batch, device, channels_last=cfg.channels_last, progress=progress)
+    table = latency_table(spec, hw, args.batch, device, channels_last=cfg.channels_last, probes=args.probes,
+                          rounds=args.rounds, progress=progress)
     data = to_json(table)
     print(f"fixed part {table.fixed['latency']:.3f} ms (probe residuals {table.meta['probe_residuals_ms']})")
     if args.check:
@@ -313,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
     p.add_argument("--check", type=int, default=0, metavar="N", help="time N random networks against the table")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds over every op and network; each one's figure is its fastest round (default 5)")
+    p.add_argument("--probes", type=int, default=3, help="random networks the fixed part is calibrated on")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads to time with (default: torch's, usually one per core); the file records it")
     p.add_argument("--out", default=None, help="JSON file (default latency-PRESET-DEVICE-bBATCH.json)")

@@ -1,7 +1,7 @@
 """Latency of every op on every edge, measured on the device the network will run on: a lookup table (FBNet,
 Wu et al. 2019; ProxylessNAS, Cai et al. 2019), and its check against whole derived networks.
 
-    aso-se latency --preset fashion-mnist [--device cpu|cuda] [--batch N] [--out FILE] [--check N]
+    aso-se latency --preset fashion-mnist [--device cpu|cuda] [--batch N] [--threads N] [--out FILE] [--check N]
 
 The table has the shape of engine/cost.py's: `edges["latency"][cell_type][edge][op]`, the milliseconds op
 `op` takes on edge `edge` summed over every cell of that type (each at its own channels, resolution and
