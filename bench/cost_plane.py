@@ -46,6 +46,7 @@ def read_rows(paths: list[str]) -> tuple[list[dict], Config]:
         recipe = data["protocol"]["recipe"]
         sets = dict(kv.split("=", 1) for kv in data["protocol"]["search_set"])
         metric = sets.get("cost", "off")
+        label = metric if metric == "off" else f"{metric} <= {float(sets['cost_target']):.4g}"
         for r in data["records"]:
             if r["kind"] == "random":
                 if r["name"] in seen:
@@ -53,7 +54,7 @@ def read_rows(paths: list[str]) -> tuple[list[dict], Config]:
                 seen.add(r["name"])
                 rows.append(dict(r, group="random"))
             elif r["name"].startswith("search"):
-                rows.append(dict(r, name=f"{metric}:{r['name']}", group=f"searched, cost={metric}"))
+                rows.append(dict(r, name=f"{label}:{r['name']}", group=f"searched, cost={label}"))
             elif r["name"] not in seen:             # a --genotype file: the main job's
                 seen.add(r["name"])
                 rows.append(dict(r, group="main job"))
@@ -144,10 +145,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STYLE = {"random": dict(c="0.55", marker="o", s=22), "main job": dict(c="tab:purple", marker="*", s=120),
-         "hand-made CNN": dict(c="black", marker="s", s=40),
-         "searched, cost=macs": dict(c="tab:red", marker="^", s=55),
-         "searched, cost=latency": dict(c="tab:blue", marker="v", s=55),
-         "searched, cost=params": dict(c="tab:green", marker="D", s=40)}
+         "hand-made CNN": dict(c="black", marker="s", s=40)}
+SEARCHED = {"macs": "tab:red", "latency": "tab:blue", "params": "tab:green", "off": "tab:orange"}
+
+
+def style(group: str, seen: dict) -> dict:
+    """Fixed styles for the reference groups; searched groups take their metric's colour and a marker of their own."""
+    if group in STYLE:
+        return STYLE[group]
+    metric = group.split("cost=", 1)[-1].split(" ")[0]
+    markers = ("^", "v", "D", "P", "X")
+    seen.setdefault(metric, []).append(group)
+    return dict(c=SEARCHED.get(metric, "tab:orange"), marker=markers[(len(seen[metric]) - 1) % len(markers)], s=55)
 
 
 def draw(rows: list[dict], handmade: dict | None, report: dict, out: str, batch: int) -> None:
@@ -157,10 +166,11 @@ def draw(rows: list[dict], handmade: dict | None, report: dict, out: str, batch:
     points = rows + ([handmade] if handmade else [])
     random = [r for r in rows if r["group"] == "random"]
     for ax, (cost, label) in zip(axes, COSTS):
+        seen: dict = {}
         for group in dict.fromkeys(r["group"] for r in points):
             sel = [r for r in points if r["group"] == group]
             ax.scatter([r[cost] for r in sel], [100 * r["test_acc"] for r in sel], label=group, zorder=3,
-                       **STYLE.get(group, dict(c="tab:orange", marker="x", s=40)))
+                       **style(group, seen))
         f = front(random, cost)
         ax.step([r[cost] for r in f], [100 * r["test_acc"] for r in f], where="post", c="0.55", lw=1,
                 label="random: Pareto front")

@@ -1,0 +1,47 @@
+"""bench/cost_plane.py: the random genotypes' line and Pareto front, and the plane drawn from results files."""
+import json
+
+import numpy as np
+import pytest
+
+from engine.cli import TRAIN_ONLY
+from engine.config import preset
+from engine.genotype import Genotype
+
+from .conftest import load_bench
+
+plane = load_bench("cost_plane")
+
+
+def test_front_keeps_what_nothing_beats_in_both_and_the_line_fits_log_cost():
+    rows = [{"name": n, "macs": m, "test_acc": a} for n, m, a in
+            [("a", 1.0, 0.5), ("b", 2.0, 0.7), ("c", 3.0, 0.6), ("d", 4.0, 0.9), ("e", 2.0, 0.4)]]
+    assert [r["name"] for r in plane.front(rows, "macs")] == ["a", "b", "d"]
+    line = [{"macs": m, "test_acc": 0.8 + 0.05 * np.log(m)} for m in (1.0, 2.0, 5.0)]
+    a, b = plane.fit(line, "macs")
+    assert a == pytest.approx(0.8) and b == pytest.approx(0.05)
+
+
+def test_the_plane_from_results_files(tmp_path, capsys):
+    recipe = preset("smoke").override(TRAIN_ONLY)
+    rng = np.random.default_rng(0)
+    records = [{"name": f"random{i}", "kind": "random", "test_acc": 0.5 + 0.01 * i, "params": 1000 + i,
+                "macs": 10_000 + 1000 * i, "genotype_json": Genotype.random(rng, 4).to_json()} for i in range(5)]
+    cheap = Genotype([("skip_connect", 0), ("max_pool_3x3", 1)] * 4, [2, 3, 4, 5],
+                     [("max_pool_3x3", 0), ("max_pool_3x3", 1)] * 4, [2, 3, 4, 5])
+    records.append({"name": "search0", "kind": "searched", "test_acc": 0.56, "params": 900, "macs": 9000,
+                    "genotype_json": cheap.to_json()})
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"protocol": {"recipe": recipe.to_json(), "search_set": ["cost=macs",
+                                                                                        "cost_target=9500"]},
+                                "records": records}))
+    out = tmp_path / "plane"
+    assert plane.main(["--results", str(path), "--json", str(tmp_path / "p.json"), "--figure", str(out)]) == 0
+    got = json.loads((tmp_path / "p.json").read_text())
+    row = got["report"]["costs"]["macs"]["rows"]["macs <= 9500:search0"]
+    assert row["dominated_by"] == [] and row["share_of_random_mean"] == pytest.approx(9000 / 12_000)
+    a, b = plane.fit(records[:5], "macs")
+    assert row["above_line"] == pytest.approx(0.56 - (a + b * np.log(9000)))   # the random line at its cost
+    assert all(r["measured_ms"] > 0 for r in got["records"])
+    assert (tmp_path / "plane.png").exists() and (tmp_path / "plane.svg").exists()
+    assert "share" not in capsys.readouterr().err
