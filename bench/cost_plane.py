@@ -35,6 +35,7 @@ from engine.latency import forward_fn, network_fn, steady_ms
 from engine.network import count_parameters
 
 COSTS = (("macs", "multiply-accumulates per image"), ("measured_ms", "measured latency, ms"))
+SCALE = {"macs": 1e-6, "measured_ms": 1.0}   # the figure's axes: millions of MACs, ms
 
 
 def read_rows(paths: list[str]) -> tuple[list[dict], Config]:
@@ -166,23 +167,28 @@ def draw(rows: list[dict], handmade: dict | None, report: dict, out: str, batch:
     points = rows + ([handmade] if handmade else [])
     random = [r for r in rows if r["group"] == "random"]
     for ax, (cost, label) in zip(axes, COSTS):
+        k = SCALE[cost]
         seen: dict = {}
         for group in dict.fromkeys(r["group"] for r in points):
             sel = [r for r in points if r["group"] == group]
-            ax.scatter([r[cost] for r in sel], [100 * r["test_acc"] for r in sel], label=group, zorder=3,
+            ax.scatter([k * r[cost] for r in sel], [100 * r["test_acc"] for r in sel], label=group, zorder=3,
                        **style(group, seen))
         f = front(random, cost)
-        ax.step([r[cost] for r in f], [100 * r["test_acc"] for r in f], where="post", c="0.55", lw=1,
+        ax.step([k * r[cost] for r in f], [100 * r["test_acc"] for r in f], where="post", c="0.55", lw=1,
                 label="random: Pareto front")
         line = report["costs"][cost]["line"]
         xs = np.geomspace(min(r[cost] for r in points), max(r[cost] for r in points), 50)
-        ax.plot(xs, 100 * (line["intercept"] + line["slope_per_ln"] * np.log(xs)), ls="--", c="0.3", lw=1,
+        ax.plot(k * xs, 100 * (line["intercept"] + line["slope_per_ln"] * np.log(xs)), ls="--", c="0.3", lw=1,
                 label="random: fitted line")
         ax.set_xscale("log")
-        ax.set_xlabel(label + (f" (batch {batch}, CPU)" if cost == "measured_ms" else ""))
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel(("millions of " + label) if cost == "macs" else label + f" (batch {batch}, CPU)")
         ax.set_ylabel("test accuracy, %")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
     for ext in ("png", "svg"):
         fig.savefig(f"{out}.{ext}", dpi=110, bbox_inches="tight", **({"metadata": {"Date": None}} if ext == "svg"

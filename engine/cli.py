@@ -182,7 +182,7 @@ def cmd_latency(args) -> int:
 
     from .build import load_data, optimize_spec, resolve_device
     from .checkpoint import write_json
-    from .latency import check, check_genotypes, latency_table, to_json
+    from .latency import check_genotypes, latency_table, to_json
     if args.batch <= 0:
         raise ConfigError(f"--batch must be positive, got {args.batch}")
     if args.check < 0:
@@ -205,12 +205,12 @@ def cmd_latency(args) -> int:
     def progress(done: int, total: int) -> None:
         print(f"  round {done}/{total}", file=sys.stderr, flush=True)
 
+    networks = check_genotypes(np.random.default_rng([cfg.seed, 202]), args.check, spec.nodes) if args.check else None
     table = latency_table(spec, hw, args.batch, device, channels_last=cfg.channels_last, probes=args.probes,
-                          rounds=args.rounds, progress=progress)
+                          rounds=args.rounds, check_with=networks, progress=progress)
     data = to_json(table)
     print(f"fixed part {table.fixed['latency']:.3f} ms (probe residuals {table.meta['probe_residuals_ms']})")
     if args.check:
-        data["check"] = check(table, check_genotypes(np.random.default_rng([cfg.seed, 202]), args.check, spec.nodes))
         for r in data["check"]["networks"]:
             print(f"  {r['name']:>13}  predicted {r['predicted_ms']:9.3f} ms  measured {r['measured_ms']:9.3f} ms  "
                   f"{100 * r['rel_error']:+6.1f}%")

@@ -100,10 +100,13 @@ def network_fn(spec: NetSpec, genotype: Genotype, image_hw: tuple[int, int], bat
 
 def latency_table(spec: NetSpec, image_hw: tuple[int, int], batch: int, device: torch.device | str = "cpu",
                   channels_last: bool | None = None, probes: int = 3, seed: int = 0, rounds: int = 5,
-                  progress=None) -> CostTable:
+                  check_with: dict[str, Genotype] | None = None, progress=None) -> CostTable:
     """Time every op at every edge's input shape (ops at the same shape and stride timed once) and `probes`
-    random whole networks, in `rounds` (`steady_ms`), and calibrate the fixed part on the probes.
-    `progress(done, total)` is called after each round."""
+    random whole networks, in `rounds` (`steady_ms`), and calibrate the fixed part on the probes. The networks
+    of `check_with` are timed in the same rounds, and the table checked against them (`table.meta["check"]`):
+    timed in later rounds of their own, they met the host at another speed (on 2026-12-05 every one of 24
+    networks 4-12% slower than the table had it, the ranking intact). `progress(done, total)` is called after
+    each round."""
     device = torch.device(device)
     channels_last = device.type == "cpu" if channels_last is None else channels_last
     edges = empty_edges(spec, ("latency",))
@@ -116,6 +119,8 @@ def latency_table(spec: NetSpec, image_hw: tuple[int, int], batch: int, device: 
     probe_genotypes = [Genotype.random(rng, spec.nodes) for _ in range(probes)]
     for i, g in enumerate(probe_genotypes):
         fns[("probe", i)] = network_fn(spec, g, image_hw, batch, device, channels_last)
+    for name, g in (check_with or {}).items():
+        fns[("check", name)] = network_fn(spec, g, image_hw, batch, device, channels_last)
     timed = steady_ms(fns, device, rounds=rounds, progress=progress)
     for t, e, c, stride, size in edge_inputs(spec, image_hw):
         for o, op in enumerate(PRIMITIVES):
@@ -126,7 +131,9 @@ def latency_table(spec: NetSpec, image_hw: tuple[int, int], batch: int, device: 
     table.fixed = {"latency": float(statistics.median(residuals))}
     table.meta = {"version": VERSION, "batch": batch, "device": str(device), "channels_last": channels_last,
                   "rounds": rounds, "probes": probes, "probe_residuals_ms": [round(r, 4) for r in residuals],
-                  "ops_timed": len(fns) - probes, "machine": machine_info()}
+                  "ops_timed": len(shapes) * len(ops), "machine": machine_info()}
+    if check_with:
+        table.meta["check"] = check(table, check_with, {name: timed[("check", name)] for name in check_with})
     return table
 
 
@@ -145,14 +152,16 @@ def agreement(predicted: np.ndarray, measured: np.ndarray) -> dict:
             "median_abs_rel_error": float(np.median(errors)), "max_abs_rel_error": float(errors.max())}
 
 
-def check(table: CostTable, genotypes: dict[str, Genotype]) -> dict:
+def check(table: CostTable, genotypes: dict[str, Genotype], timed: dict[str, float] | None = None) -> dict:
     """Predicted against measured whole-network latency: per network, and Spearman's rho and the median and
-    largest relative error, over the uniform random networks, the others, and all."""
+    largest relative error, over the uniform random networks, the others, and all. `timed`: the networks'
+    latencies, measured with the table's ops (`latency_table(check_with=...)`); None: timed now."""
     meta = table.meta
     device = torch.device(meta["device"])
-    fns = {name: network_fn(table.spec, g, table.image_hw, meta["batch"], device, meta["channels_last"])
-           for name, g in genotypes.items()}
-    timed = steady_ms(fns, device, rounds=meta.get("rounds", 5))
+    if timed is None:
+        fns = {name: network_fn(table.spec, g, table.image_hw, meta["batch"], device, meta["channels_last"])
+               for name, g in genotypes.items()}
+        timed = steady_ms(fns, device, rounds=meta.get("rounds", 5))
     rows = []
     for name, g in genotypes.items():
         measured, predicted = timed[name], table.of(g)["latency"]
