@@ -39,8 +39,8 @@ def test_every_preset_can_train_a_genotype_alone(name, tmp_path, request, monkey
         small["cifar10"] = [f"data_dir={data_dir}", "batch_size=8", "optimize_batch_size=16", "eval_batch_size=16"]
     load = engine.build.load_data
 
-    def first_test_images(cfg):
-        dataset = load(cfg)
+    def first_test_images(cfg, device=None):
+        dataset = load(cfg, device)
         dataset.test_images, dataset.test_labels = dataset.test_images[:256], dataset.test_labels[:256]
         return dataset
     monkeypatch.setattr(engine.build, "load_data", first_test_images)
