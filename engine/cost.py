@@ -1,10 +1,11 @@
-"""What a derived network costs, edge by edge: parameters and multiply-accumulates, exact from the shapes.
+"""What a derived network costs, edge by edge, and the architecture step's cost term (`CostTerm`).
 
 A derived network's cost is a fixed part (stem, each cell's input preprocessing, classifier) plus one term per
 chosen edge, which depends only on the op, the cell it sits in (channels, resolution) and whether the edge
 strides. So a table per cell type, `table[t][e][k]`, the cost of op k on edge e summed over every cell of type
 t, gives any genotype's cost as `fixed + sum of its edges' entries`, and the expected cost of the search's
-edge distributions as a sum of probabilities times entries (differentiable in the probabilities).
+edge distributions as a sum of probabilities times entries (differentiable in the probabilities). Parameters
+and multiply-accumulates are exact from the shapes (`cost_table`); latency is measured (engine/latency.py).
 
 Multiply-accumulates are counted by `torch.utils.flop_counter` (convolutions and the classifier; a FLOP
 counted there is half a multiply-accumulate), for one image at the network's input size. Pooling, BatchNorm
@@ -54,15 +55,6 @@ class CostTable:
                 for m in self.edges:
                     out[m] += self.edges[m][t][e][o]
         return out
-
-    def expected(self, probabilities: dict[str, torch.Tensor], metric: str = "macs") -> torch.Tensor:
-        """Sum over cell types and edges of p(op) x cost(op): the cost the distributions expect when every edge
-        is kept (the derivation keeps two per node; this is the quantity the cost term can differentiate)."""
-        total = probabilities[CELL_TYPES[0]].new_zeros(())
-        for t in CELL_TYPES:
-            table = torch.tensor(self.edges[metric][t], dtype=probabilities[t].dtype, device=probabilities[t].device)
-            total = total + (probabilities[t] * table).sum()
-        return total
 
 
 def edge_inputs(spec: NetSpec, image_hw: tuple[int, int]):
