@@ -11,7 +11,6 @@ so data, architecture, Gumbel generator and supernet are built in this order, al
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import sys
@@ -249,19 +248,10 @@ def build_cost_term(cfg: Config, dataset: Dataset) -> CostTerm | None:
         return None
     spec, hw = optimize_spec(cfg, dataset), tuple(dataset.image_shape[1:])
     if cfg.cost == "latency":
-        table = load_table(cfg.latency_table)
-        if not same_network(table.spec, spec) or tuple(table.image_hw) != hw:
-            raise ConfigError(f"latency_table {cfg.latency_table}: measured for another network than this config "
-                              f"derives (its spec or image size differ); measure this one with `aso-se latency` "
-                              f"and the search's --preset and --set options")
+        table = load_table(cfg.latency_table, spec, hw)
     else:
         table = cost_table(spec, hw)
     return CostTerm(table, cfg.cost, cfg.cost_target, cfg.cost_weight)
-
-
-def same_network(a: NetSpec, b: NetSpec) -> bool:
-    """The same derived network (the supernet's gates are not part of it)."""
-    return dataclasses.replace(a, gated=True) == dataclasses.replace(b, gated=True)
 
 
 def build_run(cfg: Config) -> Run:

@@ -23,6 +23,7 @@ can refuse a table measured for another network.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
@@ -34,7 +35,7 @@ from .cost import CostTable, edge_inputs, empty_edges
 from .errors import ConfigError
 from .genotype import Genotype
 from .machine import machine_info
-from .network import NetSpec, Network
+from .network import NetSpec, Network, same_network
 from .ops import PRIMITIVES, make_op
 
 VERSION = 1
@@ -152,16 +153,10 @@ def agreement(predicted: np.ndarray, measured: np.ndarray) -> dict:
             "median_abs_rel_error": float(np.median(errors)), "max_abs_rel_error": float(errors.max())}
 
 
-def check(table: CostTable, genotypes: dict[str, Genotype], timed: dict[str, float] | None = None) -> dict:
+def check(table: CostTable, genotypes: dict[str, Genotype], timed: dict[str, float]) -> dict:
     """Predicted against measured whole-network latency: per network, and Spearman's rho and the median and
     largest relative error, over the uniform random networks, the others, and all. `timed`: the networks'
-    latencies, measured with the table's ops (`latency_table(check_with=...)`); None: timed now."""
-    meta = table.meta
-    device = torch.device(meta["device"])
-    if timed is None:
-        fns = {name: network_fn(table.spec, g, table.image_hw, meta["batch"], device, meta["channels_last"])
-               for name, g in genotypes.items()}
-        timed = steady_ms(fns, device, rounds=meta.get("rounds", 5))
+    latencies, measured in the same rounds as the table's ops (`latency_table(check_with=...)`)."""
     rows = []
     for name, g in genotypes.items():
         measured, predicted = timed[name], table.of(g)["latency"]
@@ -169,7 +164,7 @@ def check(table: CostTable, genotypes: dict[str, Genotype], timed: dict[str, flo
                      "rel_error": round((predicted - measured) / measured, 4), "genotype": g.to_json()})
     groups = {"uniform random": [r for r in rows if r["name"].startswith("random")],
               "across the cost range": [r for r in rows if not r["name"].startswith("random")], "all": rows}
-    return {"networks": rows, **{k: v for k, v in agreement(*_pm(rows)).items()},
+    return {"networks": rows, **agreement(*_pm(rows)),
             "groups": {k: agreement(*_pm(v)) for k, v in groups.items() if len(v) > 1}}
 
 
@@ -196,14 +191,20 @@ def from_json(data: dict, source: str) -> CostTable:
     return table
 
 
-def load_table(path: str) -> CostTable:
-    import json
+def load_table(path: str, spec: NetSpec | None = None, image_hw: tuple[int, int] | None = None) -> CostTable:
+    """The table of `path`; with `spec` and `image_hw`, refused in one line unless it was measured for that
+    network (the network a search derives, or the one a protocol trains)."""
     try:
         with open(path) as f:
-            return from_json(json.load(f), path)
+            table = from_json(json.load(f), path)
     except OSError as e:
         raise ConfigError(f"latency_table {path}: cannot read it ({e.strerror}); write one with "
                           f"`aso-se latency --out {path}`") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"latency_table {path}: not valid JSON ({e.msg} at line {e.lineno}); write it again "
                           f"with `aso-se latency --out {path}`") from None
+    if spec is not None and (not same_network(table.spec, spec) or tuple(table.image_hw) != tuple(image_hw)):
+        raise ConfigError(f"latency_table {path}: measured for another network than this config derives (its spec "
+                          f"or image size differ); measure this one with `aso-se latency` and the same --preset and "
+                          f"--set options")
+    return table

@@ -23,12 +23,12 @@ import torch
 from . import distributed, growth
 from .arch import PHASES
 from .genotype import Genotype
-from .build import Model, Run, same_network
+from .build import Model, Run
 from .checkpoint import MetricsLog, write_json
 from .cost import fmt as fmt_cost, macs as count_macs
 from .data import Cycle
 from .errors import TrainingError
-from .network import count_parameters
+from .network import count_parameters, same_network
 from .profiling import nvtx_range
 from .records import EpochSums, epoch_line, epoch_record, final_line, final_record, growth_line, progress_bar
 from .schedules import SEARCHING_PHASES, SUPERNET_PHASES, Budget, cosine_lr, handover_bias, temperature_at

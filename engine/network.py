@@ -240,6 +240,11 @@ def scale_spec(spec: NetSpec, channels: int) -> NetSpec:
     return dataclasses.replace(spec, stem_channels=max(1, round(spec.stem_channels * f)), cells=cells)
 
 
+def same_network(a: NetSpec, b: NetSpec) -> bool:
+    """The same derived network (the supernet's gates are not part of it)."""
+    return dataclasses.replace(a, gated=True) == dataclasses.replace(b, gated=True)
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
