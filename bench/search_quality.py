@@ -42,7 +42,7 @@ import torch
 
 from common import print_table, write_json
 
-from engine.build import load_data, optimize_spec, same_network
+from engine.build import load_data, optimize_spec
 from engine.genotype import CELL_TYPES, Genotype
 from engine.cli import TRAIN_ONLY
 from engine.config import Config, preset
@@ -251,9 +251,7 @@ def genotype_costs(recipe: Config, latency_table: str | None = None):
     data = load_data(recipe)
     spec, hw = optimize_spec(recipe, data), tuple(data.image_shape[1:])
     table = cost_table(spec, hw)
-    lat = load_table(latency_table) if latency_table else None
-    if lat is not None and (not same_network(lat.spec, spec) or tuple(lat.image_hw) != hw):
-        raise AsoseError(f"--latency-table {latency_table}: measured for another network than the recipe trains")
+    lat = load_table(latency_table, spec, hw) if latency_table else None
 
     def costs(g: Genotype) -> dict:
         out = {"macs": table.of(g)["macs"]}
@@ -315,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         base = preset(args.preset).override(args.overrides)
         recipe = base.override(TRAIN_ONLY + [f"optimize_epochs={args.epochs}"] + args.train_set)
         searched_cfg = base.override(args.search_set)
+        costs = genotype_costs(recipe, args.latency_table)   # a table for another network stops here, before any work
         search_seeds = [int(s) for s in args.search_seeds.split(",") if s.strip()]
         train_seeds = [int(s) for s in args.train_seeds.split(",") if s.strip()]
         if not train_seeds:
@@ -381,7 +380,6 @@ def main(argv: list[str] | None = None) -> int:
         candidates = [(name, kind, g, name) for name, kind, g in candidates]
         for seed in search_seeds:
             candidates += found_candidates(seed)
-        costs = genotype_costs(recipe, args.latency_table)
         rows = []
         for name, kind, g, as_name in candidates:
             runs = [train(recipe, as_name, g, seed, args.work) for seed in train_seeds]

@@ -11,6 +11,7 @@ from engine.cli import main
 from engine.config import preset
 from engine.errors import ConfigError
 from engine.genotype import Genotype
+from engine.ops import PRIMITIVES
 
 
 def test_steady_ms_keeps_each_keys_fastest_round(monkeypatch):
@@ -32,23 +33,22 @@ def test_table_sums_the_ops_of_a_genotype_and_calibrates_the_fixed_part_on_probe
 
     def fake(fns, device, rounds=5, warmup=3, progress=None):
         out = {}
-        for k in fns:
-            if isinstance(k, tuple) and k[0] != "probe":
-                out[k] = ops_ms.setdefault(k, 0.1 + 0.001 * len(ops_ms))
+        ops = [k for k in fns if k[0] in PRIMITIVES]
+        for k in ops:
+            out[k] = ops_ms.setdefault(k, 0.1 + 0.001 * len(ops_ms))
         table = latency.CostTable(spec, hw, {"latency": _edges(spec, hw, ops_ms)}, {"latency": 0.0})
-        for k in fns:
-            if not (isinstance(k, tuple) and k[0] != "probe"):
-                g = probes[k[1]] if isinstance(k, tuple) else named[k]
-                out[k] = table.of(g)["latency"] + 7.0          # whole networks: their ops plus 7 ms of the rest
+        for kind, key in (k for k in fns if k not in ops):           # ("probe", i) and ("check", name)
+            g = probes[key] if kind == "probe" else named[key]
+            out[(kind, key)] = table.of(g)["latency"] + 7.0          # whole networks: their ops plus 7 ms of the rest
         return out
 
     rng = np.random.default_rng([0, 101])
     probes = [Genotype.random(rng, spec.nodes) for _ in range(3)]
     named = latency.check_genotypes(np.random.default_rng(5), 3, spec.nodes)
     monkeypatch.setattr(latency, "steady_ms", fake)
-    table = latency.latency_table(spec, hw, batch=2)
+    table = latency.latency_table(spec, hw, batch=2, check_with=named)   # the check timed with the ops
     assert table.fixed["latency"] == pytest.approx(7.0) and table.meta["probe_residuals_ms"] == [7.0] * 3
-    found = latency.check(table, named)
+    found = table.meta["check"]
     assert len(found["networks"]) == 6 and found["spearman"] == pytest.approx(1.0)
     assert found["median_abs_rel_error"] == pytest.approx(0.0, abs=1e-5)
     assert set(found["groups"]) == {"uniform random", "across the cost range", "all"}
@@ -60,7 +60,6 @@ def test_table_sums_the_ops_of_a_genotype_and_calibrates_the_fixed_part_on_probe
 
 def _edges(spec, hw, timed):
     from engine.cost import edge_inputs, empty_edges
-    from engine.ops import PRIMITIVES
     edges = empty_edges(spec, ("latency",))["latency"]
     for t, e, c, stride, size in edge_inputs(spec, hw):
         for o, op in enumerate(PRIMITIVES):

@@ -154,3 +154,14 @@ def test_work_is_claimed_so_processes_sharing_it_never_compute_a_record_twice(sq
     with pytest.raises(RuntimeError):
         sq._cached(work, "train-d-seed0", "k", fails)
     assert not list(tmp_path.glob("train-d-*"))  # a failed training leaves neither a record nor its claim
+
+
+def test_a_latency_table_of_another_network_stops_before_any_work(sq, tmp_path, capsys):
+    """The Fashion-MNIST table against the quick protocol's smoke network: one line, exit 2, nothing computed."""
+    table = os.path.join(os.path.dirname(__file__), "..", "bench", "results",
+                         "latency-check-fashion-mnist-cpu-b1-2026-12-05.json")
+    work = tmp_path / "work"
+    assert sq.main(["--quick", "--latency-table", table, "--work", str(work)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("search_quality: error: latency_table") and "another network" in err[-1]
+    assert not work.exists() or not os.listdir(work)
