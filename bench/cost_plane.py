@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -161,7 +162,7 @@ def style(group: str, seen: dict) -> dict:
 
 
 def draw(rows: list[dict], handmade: dict | None, report: dict, out: str, batch: int) -> None:
-    from engine.report import _plt
+    from engine.report import _plt, _save
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     points = rows + ([handmade] if handmade else [])
@@ -190,10 +191,7 @@ def draw(rows: list[dict], handmade: dict | None, report: dict, out: str, batch:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.12))
     fig.tight_layout()
-    for ext in ("png", "svg"):
-        fig.savefig(f"{out}.{ext}", dpi=110, bbox_inches="tight", **({"metadata": {"Date": None}} if ext == "svg"
-                                                                       else {}))
-    plt.close(fig)
+    _save(fig, os.path.dirname(out) or ".", os.path.basename(out))
 
 
 if __name__ == "__main__":

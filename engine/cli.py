@@ -180,6 +180,8 @@ def cmd_export(args) -> int:
 def cmd_latency(args) -> int:
     import numpy as np
 
+    import torch
+
     from .build import load_data, optimize_spec, resolve_device
     from .checkpoint import write_json
     from .latency import check_genotypes, latency_table, to_json
@@ -192,15 +194,14 @@ def cmd_latency(args) -> int:
     if args.threads is not None:
         if args.threads <= 0:
             raise ConfigError(f"--threads must be positive, got {args.threads}")
-        import torch
         torch.set_num_threads(args.threads)
     cfg = _config(args)
     device = resolve_device(cfg.device)
-    dataset = load_data(cfg)
+    dataset = load_data(cfg, device)
     spec, hw = optimize_spec(cfg, dataset), dataset.image_shape[1:]
     out = args.out or f"latency-{args.preset}-{device.type}-b{args.batch}.json"
     print(f"timing every op at every cell's input shape: batch {args.batch}, {device}, "
-          f"{torch_threads()} CPU thread(s)", file=sys.stderr, flush=True)
+          f"{torch.get_num_threads()} CPU thread(s)", file=sys.stderr, flush=True)
 
     def progress(done: int, total: int) -> None:
         print(f"  round {done}/{total}", file=sys.stderr, flush=True)
@@ -220,11 +221,6 @@ def cmd_latency(args) -> int:
     write_json(out, data)
     print(out)
     return 0
-
-
-def torch_threads() -> int:
-    import torch
-    return torch.get_num_threads()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,7 +114,8 @@ def cheapest(table: CostTable, metric: str) -> float:
     for t in CELL_TYPES:
         rows = table.edges[metric][t]
         for node in range(nodes):
-            best = sorted(min(rows[edge_index(node, s)][1:]) for s in range(2 + node))
+            best = sorted(min(v for k, v in enumerate(rows[edge_index(node, s)]) if k != NONE)
+                          for s in range(2 + node))
             total += best[0] + best[1]
     return total
 
@@ -158,8 +159,7 @@ class CostTerm:
         self.ops = [k for k in range(len(PRIMITIVES)) if k != NONE]
         self._cache: dict = {}
         self.full = {t: torch.tensor(table.edges[metric][t], dtype=torch.float64)[:, self.ops] for t in CELL_TYPES}
-        self.rows = {t: (torch.tensor(table.edges[metric][t], dtype=torch.float64)
-                         * torch.tensor(keep, dtype=torch.float64)[:, None])[:, self.ops] for t in CELL_TYPES}
+        self.rows = {t: self.full[t] * torch.tensor(keep, dtype=torch.float64)[:, None] for t in CELL_TYPES}
 
     def expected(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
         total = None
