@@ -6,12 +6,16 @@
 
 Reads bench/search_quality.py results files (run with --latency-table, so every row has its MACs and table
 latency; the searches' cost settings are in each file's `search_set`), and for every distinct genotype measures
-the latency of its whole network (engine/latency.py `steady_ms`, eval mode, `--batch`, `--threads`). Then per
-cost (MACs, measured latency):
-- a line of accuracy against log cost, least squares over the random genotypes;
-- per searched genotype: its cost as a share of the random mean, its accuracy above or below the line, and the
-  random genotypes that dominate it (higher accuracy and lower cost);
-- the random genotypes' Pareto front.
+the latency of its whole network (engine/latency.py `steady_ms`, eval mode, `--batch`, `--threads`). The random
+genotypes are the uniform ones (kind 'random') and, when the files have them (search_quality --random-spread),
+those across the cost range (kind 'spread'). Then per cost (MACs, measured latency):
+- lines of accuracy against log cost, least squares: over the uniform random genotypes ('uniform') and over all
+  random genotypes ('all'); each with the cost range it was fitted on, since a line says nothing outside it
+  (uniform draws keep about 3 edges in 7 parameter-free, so they never reach the costs a tight target asks for);
+- per searched genotype: its cost as a share of the uniform random mean, its accuracy above or below each line
+  and whether its cost lies inside that line's range, and the random genotypes (all of them) that dominate it
+  (higher accuracy and lower cost);
+- the random genotypes' Pareto front (all of them).
 The figure draws both planes: random genotypes, their front and line, the searched ones by cost metric, the main
 job's genotype (trained with the same recipe) and the hand-made CNN (bench/handmade_cnn.py trained on the same
 images for the same epochs, with its own optimizer recipe; --handmade is its --json file, one per seed).
@@ -35,6 +39,7 @@ from engine.genotype import Genotype
 from engine.latency import forward_fn, network_fn, steady_ms
 from engine.network import count_parameters
 
+RANDOM = {"random": "random", "spread": "random across the cost range"}   # kind -> group
 COSTS = (("macs", "multiply-accumulates per image"), ("measured_ms", "measured latency, ms"))
 SCALE = {"macs": 1e-6, "measured_ms": 1.0}   # the figure's axes: millions of MACs, ms
 
@@ -50,11 +55,11 @@ def read_rows(paths: list[str]) -> tuple[list[dict], Config]:
         metric = sets.get("cost", "off")
         label = metric if metric == "off" else f"{metric} <= {float(sets['cost_target']):.4g}"
         for r in data["records"]:
-            if r["kind"] == "random":
+            if r["kind"] in RANDOM:
                 if r["name"] in seen:
                     continue
                 seen.add(r["name"])
-                rows.append(dict(r, group="random"))
+                rows.append(dict(r, group=RANDOM[r["kind"]]))
             elif r["name"].startswith("search"):
                 rows.append(dict(r, name=f"{label}:{r['name']}", group=f"searched, cost={label}"))
             elif r["name"] not in seen:             # a --genotype file: the main job's
@@ -76,6 +81,32 @@ def front(rows: list[dict], cost: str) -> list[dict]:
     out = [r for r in rows if not any(o[cost] <= r[cost] and o["test_acc"] >= r["test_acc"] and
                                       (o[cost] < r[cost] or o["test_acc"] > r["test_acc"]) for o in rows)]
     return sorted(out, key=lambda r: r[cost])
+
+
+def plane(rows: list[dict], handmade: dict | None, cost: str) -> dict:
+    """One cost's lines, front and per-genotype verdicts (see the module's docstring)."""
+    pools = {"uniform": [r for r in rows if r["group"] == "random"],
+             "all": [r for r in rows if r["group"] in RANDOM.values()]}
+    if len(pools["all"]) == len(pools["uniform"]):
+        del pools["all"]
+    lines = {}
+    for which, pool in pools.items():
+        a, b = fit(pool, cost)
+        lines[which] = {"intercept": a, "slope_per_ln": b, "n": len(pool),
+                        "range": [min(r[cost] for r in pool), max(r[cost] for r in pool)]}
+    random = pools.get("all", pools["uniform"])
+    mean = statistics.fmean(r[cost] for r in pools["uniform"])
+    out = {"lines": lines, "random_mean": mean, "front": [r["name"] for r in front(random, cost)], "rows": {}}
+    for r in rows + ([handmade] if handmade else []):
+        if r["group"] in RANDOM.values():
+            continue
+        out["rows"][r["name"]] = {
+            "cost": r[cost], "share_of_random_mean": r[cost] / mean, "test_acc": r["test_acc"],
+            "above": {w: r["test_acc"] - (ln["intercept"] + ln["slope_per_ln"] * np.log(r[cost]))
+                      for w, ln in lines.items()},
+            "inside": {w: ln["range"][0] <= r[cost] <= ln["range"][1] for w, ln in lines.items()},
+            "dominated_by": [o["name"] for o in random if o[cost] < r[cost] and o["test_acc"] > r["test_acc"]]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,21 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows + ([handmade] if handmade else []):
         r["measured_ms"] = round(timed[r["name"]], 4)
 
-    random = [r for r in rows if r["group"] == "random"]
-    report = {"costs": {}}
-    for cost, _ in COSTS:
-        a, b = fit(random, cost)
-        mean = statistics.fmean(r[cost] for r in random)
-        out = {"line": {"intercept": a, "slope_per_ln": b}, "random_mean": mean,
-               "front": [r["name"] for r in front(random, cost)], "rows": {}}
-        for r in rows + ([handmade] if handmade else []):
-            if r["group"] == "random":
-                continue
-            dominated_by = [o["name"] for o in random if o[cost] < r[cost] and o["test_acc"] > r["test_acc"]]
-            out["rows"][r["name"]] = {
-                "cost": r[cost], "share_of_random_mean": r[cost] / mean, "test_acc": r["test_acc"],
-                "above_line": r["test_acc"] - (a + b * np.log(r[cost])), "dominated_by": dominated_by}
-        report["costs"][cost] = out
+    report = {"costs": {cost: plane(rows, handmade, cost) for cost, _ in COSTS}}
 
     table = [{"name": r["name"], "group": r["group"], "test_acc": 100 * r["test_acc"], "params": r["params"],
               "macs_M": r["macs"] / 1e6, "table_ms": r.get("latency_ms"), "measured_ms": r["measured_ms"]}
@@ -134,11 +151,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{args.threads} thread(s))")
     for cost, label in COSTS:
         c = report["costs"][cost]
-        print(f"\n{label}: random mean {c['random_mean']:.4g}; line acc = {100 * c['line']['intercept']:.2f} "
-              f"{100 * c['line']['slope_per_ln']:+.3f} x ln(cost) (points of accuracy)")
+        print(f"\n{label}: uniform random mean {c['random_mean']:.4g}")
+        for which, line in c["lines"].items():
+            print(f"  line over {which} random (n={line['n']}, cost {line['range'][0]:.4g}-{line['range'][1]:.4g}): "
+                  f"acc = {100 * line['intercept']:.2f} {100 * line['slope_per_ln']:+.3f} x ln(cost) (points)")
         for name, s in c["rows"].items():
-            print(f"  {name:<22} {100 * s['share_of_random_mean']:5.1f}% of the random mean cost, "
-                  f"{100 * s['above_line']:+.2f} points off the line, dominated by {len(s['dominated_by'])} random")
+            off = ", ".join(f"{100 * s['above'][w]:+.2f} off the {w} line{'' if s['inside'][w] else ' (outside it)'}"
+                            for w in c["lines"])
+            print(f"  {name:<22} {100 * s['share_of_random_mean']:5.1f}% of the random mean cost, {off}, "
+                  f"dominated by {len(s['dominated_by'])} random")
     if args.figure:
         draw(rows, handmade, report, args.figure, args.batch)
     write_json(args.json, table, protocol={"results": args.results, "handmade": args.handmade, "batch": args.batch,
@@ -146,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-STYLE = {"random": dict(c="0.55", marker="o", s=22), "main job": dict(c="tab:purple", marker="*", s=120),
+STYLE = {"random": dict(c="0.55", marker="o", s=22),
+         RANDOM["spread"]: dict(facecolors="none", edgecolors="0.35", marker="o", s=22), "main job": dict(c="tab:purple", marker="*", s=120),
          "hand-made CNN": dict(c="black", marker="s", s=40)}
 SEARCHED = {"macs": "tab:red", "latency": "tab:blue", "params": "tab:green", "off": "tab:orange"}
 
@@ -166,7 +188,7 @@ def draw(rows: list[dict], handmade: dict | None, report: dict, out: str, batch:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     points = rows + ([handmade] if handmade else [])
-    random = [r for r in rows if r["group"] == "random"]
+    random = [r for r in rows if r["group"] in RANDOM.values()]
     for ax, (cost, label) in zip(axes, COSTS):
         k = SCALE[cost]
         seen: dict = {}
@@ -177,10 +199,10 @@ def draw(rows: list[dict], handmade: dict | None, report: dict, out: str, batch:
         f = front(random, cost)
         ax.step([k * r[cost] for r in f], [100 * r["test_acc"] for r in f], where="post", c="0.55", lw=1,
                 label="random: Pareto front")
-        line = report["costs"][cost]["line"]
-        xs = np.geomspace(min(r[cost] for r in points), max(r[cost] for r in points), 50)
-        ax.plot(k * xs, 100 * (line["intercept"] + line["slope_per_ln"] * np.log(xs)), ls="--", c="0.3", lw=1,
-                label="random: fitted line")
+        for which, line in report["costs"][cost]["lines"].items():   # each drawn over the costs it was fitted on
+            xs = np.geomspace(*line["range"], 50)
+            ax.plot(k * xs, 100 * (line["intercept"] + line["slope_per_ln"] * np.log(xs)), c="0.3", lw=1,
+                    ls="--" if which == "all" else ":", label=f"line over {which} random ({line['n']})")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))

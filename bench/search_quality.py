@@ -7,6 +7,8 @@
 The protocol of Yang et al. 2020 ("NAS evaluation is frustratingly hard") and Li & Talwalkar 2019, in small:
 - N genotypes drawn uniformly from the space the search derives from (`Genotype.random`: per node two distinct
   inputs, ops other than `none`), seeded by --random-seed;
+- with --random-spread N, N more across the space's cost range (`Genotype.across_costs`, kind 'spread'): the
+  random genotypes at the costs a cost-targeted search reaches, for bench/cost_plane.py's front;
 - the genotypes found by S search runs of the preset (its warmup, search and growth phases, one run per seed
   in --search-seeds), and any --genotype FILE (a finished run's genotype.json or final.json, e.g. `make run`'s);
 - every one trained from a fresh init with one recipe: the preset's optimize phase for --epochs epochs, with
@@ -284,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="config override for the training recipe only (e.g. optimize_channels=24)")
     p.add_argument("--random", type=int, default=8, help="random genotypes (N)")
     p.add_argument("--random-seed", type=int, default=0, help="seed of the random genotypes")
+    p.add_argument("--random-spread", type=int, default=0, metavar="N",
+                   help="N more random genotypes across the space's cost range (the k-th with each edge "
+                        "parameter-free with probability k/(N-1)), kind 'spread': the baseline at the costs a "
+                        "cost-targeted search reaches; they stay out of the random mean and sd")
     p.add_argument("--search-seeds", default="0,1", help="comma-separated seeds of the search runs ('' for none)")
     p.add_argument("--genotype", action="append", default=[], metavar="FILE",
                    help="a searched genotype found elsewhere (genotype.json or final.json), repeatable")
@@ -320,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("search_quality: --train-seeds needs at least one seed")
         rng = np.random.default_rng(args.random_seed)
         candidates = [(f"random{i}", "random", Genotype.random(rng, base.nodes)) for i in range(args.random)]
+        spread = Genotype.across_costs(np.random.default_rng([args.random_seed, 1]), args.random_spread, base.nodes)
+        candidates += [(f"spread{i}", "spread", g) for i, g in enumerate(spread)]
         basenames = [os.path.basename(path) for path in args.genotype]
         for i, path in enumerate(args.genotype):  # named after the file (runs' genotype.json files get a number)
             name = os.path.splitext(basenames[i])[0]
@@ -421,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, rows, protocol={
         "preset": args.preset, "overrides": args.overrides, "search_set": args.search_set, "train_set": args.train_set,
         "epochs": args.epochs,
-        "random": args.random, "random_seed": args.random_seed, "search_seeds": search_seeds,
-        "train_seeds": train_seeds, "genotype_files": args.genotype, "derive": args.derive, "recipe": recipe.to_json(),
+        "random": args.random, "random_spread": args.random_spread, "random_seed": args.random_seed,
+        "search_seeds": search_seeds, "train_seeds": train_seeds, "genotype_files": args.genotype, "derive": args.derive, "recipe": recipe.to_json(),
         "latency_table": args.latency_table,
         "command": " ".join(["python", "bench/search_quality.py", *(argv if argv is not None else sys.argv[1:])])},
         summary=summary)

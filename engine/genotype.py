@@ -106,6 +106,13 @@ class Genotype:
         concat = list(range(2, 2 + nodes))
         return cls(cells["normal"], concat, cells["reduce"], list(concat))
 
+    @classmethod
+    def across_costs(cls, rng: np.random.Generator, n: int, nodes: int = 4) -> list["Genotype"]:
+        """n random genotypes spread over the space's cost range: the k-th has each edge parameter-free with
+        probability k / (n - 1), from all convolutions to none. The baseline that covers the costs a cost-targeted
+        search reaches, which uniform draws (about 3 of 7 ops parameter-free) leave out."""
+        return [cls.random(rng, nodes, free_share=float(share)) for share in np.linspace(0.0, 1.0, n)]
+
     def share(self, ops) -> dict[str, float]:
         """Share of each cell type's edges that carry one of `ops` (e.g. a planted task's op family)."""
         return {t: sum(op in ops for op, _ in getattr(self, t)) / len(getattr(self, t)) for t in CELL_TYPES}

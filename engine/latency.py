@@ -142,8 +142,8 @@ def check_genotypes(rng: np.random.Generator, n: int, nodes: int) -> dict[str, G
     """The networks a table is checked on (none of them a probe): n uniform random genotypes, the population
     a search is compared with, and n more across the cost range (a share of parameter-free edges from 0 to 1)."""
     out = {f"random{i}": Genotype.random(rng, nodes) for i in range(n)}
-    for i, share in enumerate(np.linspace(0.0, 1.0, n)):
-        out[f"free{round(100 * share):03d}-{i}"] = Genotype.random(rng, nodes, free_share=float(share))
+    for i, (share, g) in enumerate(zip(np.linspace(0.0, 1.0, n), Genotype.across_costs(rng, n, nodes))):
+        out[f"free{round(100 * share):03d}-{i}"] = g
     return out
 
 

@@ -224,6 +224,15 @@ def test_random_genotypes_are_valid_seeded_and_uniform():
         assert all(abs(c - share) < 0.15 * share for c in counts), (node, counts)
 
 
+def test_random_genotypes_across_costs_run_from_all_convolutions_to_none():
+    import numpy as np
+    gs = Genotype.across_costs(np.random.default_rng(3), 9)
+    shares = [(g.param_free_fraction()["normal"] + g.param_free_fraction()["reduce"]) / 2 for g in gs]
+    assert len(gs) == 9 and shares[0] == 0.0 and shares[-1] == 1.0
+    assert np.corrcoef(np.arange(9), shares)[0, 1] > 0.8   # the share of parameter-free edges rises along them
+    assert gs == Genotype.across_costs(np.random.default_rng(3), 9)   # seeded
+
+
 def test_param_free_fraction():
     g = Genotype.from_json({"normal": [["skip_connect", 0], ["sep_conv_3x3", 1], ["max_pool_3x3", 0], ["dil_conv_3x3", 2],
                                        ["avg_pool_3x3", 1], ["sep_conv_5x5", 2], ["dil_conv_5x5", 0], ["sep_conv_3x3", 4]],

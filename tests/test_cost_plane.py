@@ -27,6 +27,9 @@ def test_the_plane_from_results_files(tmp_path, capsys):
     rng = np.random.default_rng(0)
     records = [{"name": f"random{i}", "kind": "random", "test_acc": 0.5 + 0.01 * i, "params": 1000 + i,
                 "macs": 10_000 + 1000 * i, "genotype_json": Genotype.random(rng, 4).to_json()} for i in range(5)]
+    records += [{"name": f"spread{i}", "kind": "spread", "test_acc": acc, "params": 500 + i, "macs": m,
+                 "genotype_json": Genotype.random(rng, 4, free_share=share).to_json()}
+                for i, (m, acc, share) in enumerate([(6000, 0.50, 1.0), (8000, 0.52, 0.7), (16_000, 0.58, 0.0)])]
     cheap = Genotype([("skip_connect", 0), ("max_pool_3x3", 1)] * 4, [2, 3, 4, 5],
                      [("max_pool_3x3", 0), ("max_pool_3x3", 1)] * 4, [2, 3, 4, 5])
     records.append({"name": "search0", "kind": "searched", "test_acc": 0.56, "params": 900, "macs": 9000,
@@ -40,8 +43,14 @@ def test_the_plane_from_results_files(tmp_path, capsys):
     got = json.loads((tmp_path / "p.json").read_text())
     row = got["report"]["costs"]["macs"]["rows"]["macs <= 9500:search0"]
     assert row["dominated_by"] == [] and row["share_of_random_mean"] == pytest.approx(9000 / 12_000)
-    a, b = plane.fit(records[:5], "macs")
-    assert row["above_line"] == pytest.approx(0.56 - (a + b * np.log(9000)))   # the random line at its cost
+    for which, pool in (("uniform", records[:5]), ("all", records[:8])):   # each line at its cost
+        a, b = plane.fit(pool, "macs")
+        assert row["above"][which] == pytest.approx(0.56 - (a + b * np.log(9000)))
+    assert row["inside"] == {"uniform": False, "all": True}   # the uniform draws cost 10,000-14,000
+    lines = got["report"]["costs"]["macs"]["lines"]
+    assert lines["all"]["n"] == 8 and lines["all"]["range"] == [6000, 16_000]
+    # a random genotype cheaper and better dominates; the front runs over all random genotypes
+    assert got["report"]["costs"]["macs"]["front"] == ["spread0", "spread1", "random3", "random4", "spread2"]
     assert all(r["measured_ms"] > 0 for r in got["records"])
     assert (tmp_path / "plane.png").exists() and (tmp_path / "plane.svg").exists()
     assert "share" not in capsys.readouterr().err

@@ -32,7 +32,7 @@ def test_summary_statistics(sq):
 
 @pytest.mark.slow
 def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, tmp_path, monkeypatch, capsys):
-    work, out = tmp_path / "work", tmp_path / "sq.json"
+    work, out, trainer = tmp_path / "work", tmp_path / "sq.json", sq.Trainer
     # a shard with no other process on its --work does all the work (shards claim work, they do not split it
     # by position) and leaves no claim behind ...
     assert sq.main(["--quick", "--work", str(work), "--shard", "1/2"]) == 0
@@ -108,6 +108,15 @@ def test_quick_protocol_writes_every_architecture_and_resumes_from_its_work(sq, 
     capsys.readouterr()
     assert sq.main(["--quick", "--work", str(work), "--derive", "max_param_free_reduce=-3"]) != 0
     assert "max_param_free_reduce=-3" in capsys.readouterr().err  # a wrong rule is refused before any work
+
+    # --random-spread adds random genotypes across the cost range, from all convolutions to none; they are
+    # rows of their own kind and stay out of the random mean that searched genotypes are ranked against
+    monkeypatch.setattr(sq, "Trainer", trainer)
+    assert sq.main(["--quick", "--work", str(work), "--random-spread", "2", "--json", str(tmp_path / "sp.json")]) == 0
+    spread = json.loads((tmp_path / "sp.json").read_text())
+    assert [r["kind"] for r in spread["records"]] == ["random"] * 3 + ["spread"] * 2 + ["searched"]
+    assert [r["param_free_normal"] for r in spread["records"][3:5]] == [0.0, 1.0]
+    assert spread["summary"] == data["summary"] and spread["protocol"]["random_spread"] == 2
 
 
 def test_bad_shard_is_one_line(sq, tmp_path):
