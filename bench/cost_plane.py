@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 STYLE = {"random": dict(c="0.55", marker="o", s=22),
-         RANDOM["spread"]: dict(facecolors="none", edgecolors="0.35", marker="o", s=22), "main job": dict(c="tab:purple", marker="*", s=120),
+         RANDOM["spread"]: dict(facecolors="none", edgecolors="0.35", marker="o", s=22),
+         "main job": dict(c="tab:purple", marker="*", s=120),
          "hand-made CNN": dict(c="black", marker="s", s=40)}
 SEARCHED = {"macs": "tab:red", "latency": "tab:blue", "params": "tab:green", "off": "tab:orange"}
 

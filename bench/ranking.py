@@ -14,6 +14,11 @@ search left, and with them re-estimated for that genotype alone on the first `--
 shared-weight accuracies and the standalone ones are printed with a bootstrap 95% interval (genotypes
 resampled, `--bootstrap` times, seeded). Sciuto et al. (ICLR 2020) measured tau 0.195 in the DARTS CNN space;
 BN re-estimation is the one-shot habit that raised such correlations in later work.
+
+`--checkpoint` is repeatable: each search's supernet is ranked on its own (`per_checkpoint` in the JSON), and the
+genotypes are ranked again by their mean shared-weight accuracy over the supernets (`correlations`): an ensemble
+of searches, which averages out what one supernet's seed gives or takes (a single checkpoint's `correlations`
+are its own).
 """
 from __future__ import annotations
 
@@ -96,7 +101,8 @@ def shared_accuracies(steps: Steps, genotypes: list[Genotype], evaluate, calibra
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a search's checkpoint (last.pt, search.pt, growth.pt)")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a search's checkpoint (last.pt, search.pt, growth.pt); repeatable: an ensemble")
     p.add_argument("--results", required=True, help="bench/planted.py or bench/search_quality.py --json file")
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--samples", type=int, default=0, help="evaluate on the first N images of the split (0: all)")
@@ -106,43 +112,65 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         rows = read_protocol(args.results)
-        cfg, steps = supernet(args.checkpoint)
-        dataset = load_data(cfg)
-        splits = make_splits(dataset, cfg.val_fraction, cfg.seed)
-        x, y = splits[args.split]
-        if args.samples:
-            x, y = x[:args.samples], y[:args.samples]
-        augment = train_augment(dataset)
-        evaluate = make_loader("tensor", x, y, cfg.eval_batch_size, train=False, augment=augment, seed=cfg.seed)
-        tx, ty = splits["train"]
-        # the same training batches for every genotype (in order, not augmented): their statistics differ only
-        # by the architecture
-        calibrate = make_loader("tensor", tx, ty, cfg.batch_size, train=False, augment=augment, seed=cfg.seed)
-        for r, acc in zip(rows, shared_accuracies(steps, [r["genotype"] for r in rows], evaluate, calibrate,
-                                                  args.bn_batches)):
-            r.update(acc)
+        for r in rows:
+            r["per_checkpoint"] = []
+        for path in args.checkpoint:
+            for r, acc in zip(rows, ranked_by(path, [r["genotype"] for r in rows], args)):
+                r["per_checkpoint"].append(acc)
     except AsoseError as e:
         print(f"ranking: error: {e}", file=sys.stderr)
         return e.exit_code
+    for r in rows:   # the mean over the supernets (one checkpoint: its own figures)
+        r.update({k: float(np.mean([a[k] for a in r["per_checkpoint"]])) for k in r["per_checkpoint"][0]})
     standalone = np.array([r["standalone"] for r in rows])
-    result = {}
-    for key in ("shared", "shared_bn"):
-        result[key] = correlations(np.array([r[key] for r in rows]), standalone, args.bootstrap)
+    result = {key: correlations(np.array([r[key] for r in rows]), standalone, args.bootstrap)
+              for key in ("shared", "shared_bn")}
+    per_checkpoint = [{"checkpoint": path, **{key: correlations(np.array([r["per_checkpoint"][i][key] for r in rows]),
+                                                                standalone, args.bootstrap)
+                                              for key in ("shared", "shared_bn")}}
+                      for i, path in enumerate(args.checkpoint)]
+    which = args.checkpoint[0] if len(args.checkpoint) == 1 else f"the mean over {len(args.checkpoint)} supernets"
     print_table([{"name": r["name"], "standalone": 100 * r["standalone"], "shared": 100 * r["shared"],
                   "shared_bn": 100 * r["shared_bn"]} for r in rows], ["name", "standalone", "shared", "shared_bn"],
                 title=f"{len(rows)} genotypes: standalone test accuracy against the supernet's {args.split} accuracy "
-                      f"({args.checkpoint})")
+                      f"({which})")
     labels = (("shared", "search's BN statistics"), ("shared_bn", f"BN re-estimated ({args.bn_batches} batches)"))
-    for key, label in labels:
-        c = result[key]
-        ci = lambda v: "-" if v is None else f"[{v[0]:+.3f}, {v[1]:+.3f}]"  # noqa: E731
-        print(f"{label}: Kendall tau {c['kendall_tau']:+.3f} {ci(c['kendall_tau_ci95'])}, Spearman "
-              f"{c['spearman']:+.3f} {ci(c['spearman_ci95'])} (bootstrap 95%, {args.bootstrap} resamples)")
+    if len(args.checkpoint) > 1:
+        for c in per_checkpoint:
+            print(f"{c['checkpoint']}:")
+            report(c, labels, args.bootstrap, "  ")
+        print(f"ranked by the mean over the {len(args.checkpoint)} supernets:")
+    report(result, labels, args.bootstrap)
     for r in rows:
         r["genotype"] = str(r["genotype"])
     write_json(args.json, rows, checkpoint=args.checkpoint, results=args.results, split=args.split,
-               samples=args.samples, bn_batches=args.bn_batches, correlations=result)
+               samples=args.samples, bn_batches=args.bn_batches, correlations=result, per_checkpoint=per_checkpoint)
     return 0
+
+
+def ranked_by(path: str, genotypes: list[Genotype], args) -> list[dict]:
+    """The shared-weight accuracies of `genotypes` in the supernet of checkpoint `path`, on its own split."""
+    cfg, steps = supernet(path)
+    dataset = load_data(cfg)
+    splits = make_splits(dataset, cfg.val_fraction, cfg.seed)
+    x, y = splits[args.split]
+    if args.samples:
+        x, y = x[:args.samples], y[:args.samples]
+    augment = train_augment(dataset)
+    evaluate = make_loader("tensor", x, y, cfg.eval_batch_size, train=False, augment=augment, seed=cfg.seed)
+    tx, ty = splits["train"]
+    # the same training batches for every genotype (in order, not augmented): their statistics differ only by
+    # the architecture
+    calibrate = make_loader("tensor", tx, ty, cfg.batch_size, train=False, augment=augment, seed=cfg.seed)
+    return shared_accuracies(steps, genotypes, evaluate, calibrate, args.bn_batches)
+
+
+def report(result: dict, labels, boot: int, indent: str = "") -> None:
+    ci = lambda v: "-" if v is None else f"[{v[0]:+.3f}, {v[1]:+.3f}]"  # noqa: E731
+    for key, label in labels:
+        c = result[key]
+        print(f"{indent}{label}: Kendall tau {c['kendall_tau']:+.3f} {ci(c['kendall_tau_ci95'])}, Spearman "
+              f"{c['spearman']:+.3f} {ci(c['spearman_ci95'])} (bootstrap 95%, {boot} resamples)")
 
 
 if __name__ == "__main__":

@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "overrides": args.overrides, "search_set": args.search_set, "train_set": args.train_set,
         "epochs": args.epochs,
         "random": args.random, "random_spread": args.random_spread, "random_seed": args.random_seed,
-        "search_seeds": search_seeds, "train_seeds": train_seeds, "genotype_files": args.genotype, "derive": args.derive, "recipe": recipe.to_json(),
+        "search_seeds": search_seeds, "train_seeds": train_seeds, "genotype_files": args.genotype, "derive": args.derive,
+        "recipe": recipe.to_json(),
         "latency_table": args.latency_table,
         "command": " ".join(["python", "bench/search_quality.py", *(argv if argv is not None else sys.argv[1:])])},
         summary=summary)

@@ -54,6 +54,23 @@ def test_ranking_of_a_smoke_search(tmp_path, capsys):
     assert set(data["correlations"]) == {"shared", "shared_bn"}
     assert "Kendall tau" in capsys.readouterr().out
 
+    # two supernets: each ranked on its own, and the genotypes ranked by their mean accuracy over both
+    both = tmp_path / "both.json"
+    assert ranking.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--checkpoint",
+                         str(run / "checkpoints" / "search.pt"), "--results", str(results), "--bn-batches", "3",
+                         "--bootstrap", "50", "--json", str(both)]) == 0
+    two = json.loads(both.read_text())
+    assert [c["checkpoint"] for c in two["per_checkpoint"]] == two["checkpoint"]
+    assert two["per_checkpoint"][0]["shared_bn"] == data["correlations"]["shared_bn"]   # last.pt alone, as above
+    for r, alone in zip(two["records"], data["records"]):
+        assert r["per_checkpoint"][0]["shared_bn_loss"] == alone["shared_bn_loss"]
+        other = r["per_checkpoint"][1]["shared_bn_loss"]
+        assert r["shared_bn_loss"] == pytest.approx((alone["shared_bn_loss"] + other) / 2)
+    assert two["records"][0]["per_checkpoint"][1]["shared_loss"] != rows["g0"]["shared_loss"]   # another supernet
+    shared = np.array([r["shared_bn"] for r in two["records"]])
+    assert two["correlations"]["shared_bn"]["kendall_tau"] == pytest.approx(
+        kendall_tau_b(shared, np.array([r["standalone"] for r in two["records"]])), nan_ok=True)
+
 
 def test_bad_inputs_are_one_line(tmp_path, capsys):
     bad = tmp_path / "x.json"
