@@ -1,0 +1,123 @@
+"""How decided is a search, and do two searches decide alike?
+
+    python bench/decided.py runs/fashion-mnist
+    python bench/decided.py RUN_SEED0 RUN_SEED1 SHUFFLED_SEED0 --json bench/results/decided.json
+
+Each RUN is a search's run directory: its genotype.json (the derived genotype, with the run's own caps) and the
+last record of its metrics.jsonl that holds the op probabilities. Per run and cell type it prints:
+- the derived edges whose op is not skip_connect, and how many of them have probability >= 2/8, twice uniform
+  over the 8 ops (issue 29's bar for the main job), with the range of those probabilities;
+- the smallest top-1 / top-2 margin over the derived edges (bench/planted.py's `decidedness`), and the mean
+  entropy of every edge's distribution (ln 8 = 2.079 is uniform).
+Then, for every pair of runs and cell type: the correlation of their per-edge probabilities of skip_connect
+(what the supernet learns first), and on how many of the 14 edges their most likely convolution is the same
+(chance: 14 / 4 = 3.5), with the correlation of the convolutions' probabilities, each edge's centred on its mean.
+Pair a seed with another seed for consistency, and with a shuffled-label run (`--set shuffle_labels=true`) for
+what the labels add.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+from common import print_table, write_json  # (puts the project on sys.path)
+import numpy as np
+from planted import decidedness
+
+from engine.errors import AsoseError
+from engine.genotype import CELL_TYPES, Genotype
+from engine.ops import PARAMETER_FREE, PRIMITIVES
+
+UNIFORM = 1 / len(PRIMITIVES)
+CONVS = [i for i, op in enumerate(PRIMITIVES) if op != "none" and op not in PARAMETER_FREE]
+SKIP = PRIMITIVES.index("skip_connect")
+
+
+def read_run(run: str) -> tuple[Genotype, dict[str, np.ndarray]]:
+    """The run's derived genotype and its last recorded op probabilities (cell type -> edges x ops)."""
+    try:
+        genotype = Genotype.load(os.path.join(run, "genotype.json"))
+        probs = None
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            for line in f:
+                record = json.loads(line)
+                if "probs" in record:
+                    probs = record["probs"]
+        if probs is None:
+            raise ValueError("no record holds op probabilities")
+        return genotype, {t: np.array(probs[t], dtype=float) for t in CELL_TYPES}
+    except (OSError, ValueError, KeyError, TypeError, AsoseError) as e:
+        raise AsoseError(f"{run}: not a finished search's run directory ({e.__class__.__name__}: {e}); pass one "
+                         f"that `aso-se search` wrote (genotype.json and metrics.jsonl)") from None
+
+
+def run_summary(genotype: Genotype, probs: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per cell type: the derived non-skip ops' probabilities, how many are at twice uniform, the smallest
+    margin and the mean entropy."""
+    decided = decidedness(genotype, {t: probs[t].tolist() for t in CELL_TYPES})
+    out = {}
+    for t in CELL_TYPES:
+        ps = [e["p"] for e in decided[t] if e["op"] != "skip_connect"]
+        p = np.clip(probs[t], 1e-12, 1.0)
+        out[t] = {"non_skip": len(ps), "at_twice_uniform": sum(v >= 2 * UNIFORM for v in ps),
+                  "p_min": min(ps, default=None), "p_max": max(ps, default=None),
+                  "margin_min": min(e["margin"] for e in decided[t]),
+                  "mean_entropy": float(np.mean(-(p * np.log(p)).sum(axis=1))), "edges": decided[t]}
+    return out
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """Two runs' distributions of one cell type (edges x ops): skip's per-edge correlation, and the
+    convolutions': same most likely one on how many edges, and their centred probabilities' correlation."""
+    ca, cb = a[:, CONVS], b[:, CONVS]
+    centred = [(c - c.mean(axis=1, keepdims=True)).ravel() for c in (ca, cb)]
+    return {"skip_corr": _corr(a[:, SKIP], b[:, SKIP]),
+            "same_top_conv": int((ca.argmax(axis=1) == cb.argmax(axis=1)).sum()), "edges": len(a),
+            "conv_corr": _corr(*centred)}
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson's r; None where either side is constant (a uniform cell has no direction to agree on)."""
+    return None if x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="search run directories")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    try:
+        runs = {run: read_run(run) for run in args.runs}
+    except AsoseError as e:
+        print(f"decided: error: {e}", file=sys.stderr)
+        return e.exit_code
+    summaries = {run: run_summary(*runs[run]) for run in args.runs}
+    rows = []
+    for run, s in summaries.items():
+        for t in CELL_TYPES:
+            c = s[t]
+            rows.append({"run": run, "cell": t, "non_skip": c["non_skip"], "at_2x_uniform": c["at_twice_uniform"],
+                         "p_range": "-" if c["p_min"] is None else f"{c['p_min']:.3f}-{c['p_max']:.3f}",
+                         "margin_min": c["margin_min"], "entropy": c["mean_entropy"]})
+    print_table(rows, ["run", "cell", "non_skip", "at_2x_uniform", "p_range", "margin_min", "entropy"],
+                title=f"derived edges that are not skip_connect, and how many have p >= {2 * UNIFORM:.3f} (twice "
+                      f"uniform)")
+    pairs = []
+    for a, b in itertools.combinations(args.runs, 2):
+        for t in CELL_TYPES:
+            pairs.append({"a": a, "b": b, "cell": t, **agreement(runs[a][1][t], runs[b][1][t])})
+    if pairs:
+        print_table([{**r, "same_top_conv": f"{r['same_top_conv']}/{r['edges']}"} for r in pairs],
+                    ["a", "b", "cell", "skip_corr", "same_top_conv", "conv_corr"],
+                    title="pairs of runs: per-edge p(skip) correlation; edges with the same most likely convolution "
+                          f"(chance {pairs[0]['edges'] / len(CONVS):.1f}); convolutions' "
+                          f"centred probabilities' correlation")
+    write_json(args.json, rows, runs=summaries, pairs=pairs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

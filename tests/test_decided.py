@@ -1,0 +1,61 @@
+"""bench/decided.py: how decided a search's derived edges are, and whether two searches decide alike."""
+import json
+
+import numpy as np
+import pytest
+
+from engine.genotype import CELL_TYPES, Genotype, edge_index, num_edges
+from engine.ops import PRIMITIVES
+
+from .conftest import load_bench
+
+decided = load_bench("decided")
+SEP3, SKIP = (PRIMITIVES.index(op) for op in ("sep_conv_3x3", "skip_connect"))
+
+
+def fake_run(path, genotype: Genotype, probs: dict[str, np.ndarray]) -> str:
+    path.mkdir()
+    (path / "genotype.json").write_text(json.dumps(genotype.to_json()))
+    records = [{"phase": "search", "probs": {t: (np.full_like(p, 1 / 8)).tolist() for t, p in probs.items()}},
+               {"phase": "growth", "probs": {t: p.tolist() for t, p in probs.items()}},
+               {"phase": "final", "test_acc": 0.5}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_counts_the_derived_non_skip_ops_at_twice_uniform_and_compares_runs(tmp_path, capsys):
+    pairs = [("sep_conv_3x3", 0), ("skip_connect", 1)] * 4
+    g = Genotype(pairs, [2, 3, 4, 5], pairs, [2, 3, 4, 5])
+    edges = num_edges(4)
+    probs = {t: np.full((edges, 8), 1 / 8) for t in CELL_TYPES}
+    for k, (op, src) in enumerate(pairs):   # normal: the 4 derived sep3 at 0.30, 0.20, 0.30, 0.20; skips at 0.5
+        e = edge_index(k // 2, src)
+        row = np.full(8, 0.0)
+        if op == "sep_conv_3x3":
+            row[SEP3] = 0.30 if k % 4 == 0 else 0.20
+        else:
+            row[SKIP] = 0.5
+        row[row == 0] = (1 - row.sum()) / 7
+        probs["normal"][e] = row
+    other = {t: p[::-1].copy() for t, p in probs.items()}   # the edges in reverse order
+    a = fake_run(tmp_path / "a", g, probs)
+    b = fake_run(tmp_path / "b", g, other)
+    out = tmp_path / "d.json"
+    assert decided.main([a, b, "--json", str(out)]) == 0   # the last record with probabilities counts
+    data = json.loads(out.read_text())
+    normal = data["runs"][a]["normal"]
+    assert normal["non_skip"] == 4 and normal["at_twice_uniform"] == 2
+    assert normal["p_min"] == pytest.approx(0.2) and normal["p_max"] == pytest.approx(0.3)
+    assert data["runs"][a]["reduce"]["at_twice_uniform"] == 0   # uniform: nothing decided
+    [same] = [r for r in data["pairs"] if r["cell"] == "normal"]
+    assert same["a"] == a and same["b"] == b
+    assert decided.agreement(probs["normal"], probs["normal"])["same_top_conv"] == edges
+    assert decided.agreement(probs["normal"], probs["normal"])["skip_corr"] == pytest.approx(1.0)
+    assert [r["skip_corr"] for r in data["pairs"] if r["cell"] == "reduce"] == [None]   # uniform: no direction
+    assert "twice" in capsys.readouterr().out
+
+
+def test_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
+    assert decided.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished search's run directory" in err and len(err.strip().splitlines()) == 1
