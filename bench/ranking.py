@@ -114,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = read_protocol(args.results)
         for r in rows:
             r["per_checkpoint"] = []
+        used = []   # the calibration batches each supernet had: --bn-batches, or all its training split holds
         for path in args.checkpoint:
-            for r, acc in zip(rows, ranked_by(path, [r["genotype"] for r in rows], args)):
+            accs, n = ranked_by(path, [r["genotype"] for r in rows], args)
+            used.append(n)
+            for r, acc in zip(rows, accs):
                 r["per_checkpoint"].append(acc)
     except AsoseError as e:
         print(f"ranking: error: {e}", file=sys.stderr)
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     standalone = np.array([r["standalone"] for r in rows])
     result = {key: correlations(np.array([r[key] for r in rows]), standalone, args.bootstrap)
               for key in ("shared", "shared_bn")}
-    per_checkpoint = [{"checkpoint": path, **{key: correlations(np.array([r["per_checkpoint"][i][key] for r in rows]),
+    per_checkpoint = [{"checkpoint": path, "bn_batches_used": used[i], **{key: correlations(np.array([r["per_checkpoint"][i][key] for r in rows]),
                                                                 standalone, args.bootstrap)
                                               for key in ("shared", "shared_bn")}}
                       for i, path in enumerate(args.checkpoint)]
@@ -134,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                   "shared_bn": 100 * r["shared_bn"]} for r in rows], ["name", "standalone", "shared", "shared_bn"],
                 title=f"{len(rows)} genotypes: standalone test accuracy against the supernet's {args.split} accuracy "
                       f"({which})")
-    labels = (("shared", "search's BN statistics"), ("shared_bn", f"BN re-estimated ({args.bn_batches} batches)"))
+    batches = "/".join(str(n) for n in sorted(set(used)))
+    labels = (("shared", "search's BN statistics"), ("shared_bn", f"BN re-estimated ({batches} batches)"))
     if len(args.checkpoint) > 1:
         for c in per_checkpoint:
             print(f"{c['checkpoint']}:")
@@ -144,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r["genotype"] = str(r["genotype"])
     write_json(args.json, rows, checkpoint=args.checkpoint, results=args.results, split=args.split,
-               samples=args.samples, bn_batches=args.bn_batches, correlations=result, per_checkpoint=per_checkpoint)
+               samples=args.samples, bn_batches=args.bn_batches, bn_batches_used=used, correlations=result,
+               per_checkpoint=per_checkpoint)
     return 0
 
 
-def ranked_by(path: str, genotypes: list[Genotype], args) -> list[dict]:
-    """The shared-weight accuracies of `genotypes` in the supernet of checkpoint `path`, on its own split."""
+def ranked_by(path: str, genotypes: list[Genotype], args) -> tuple[list[dict], int]:
+    """The shared-weight accuracies of `genotypes` in the supernet of checkpoint `path`, on its own split, and
+    how many training batches re-estimated BN (--bn-batches, or fewer where the split holds fewer)."""
     cfg, steps = supernet(path)
     dataset = load_data(cfg)
     splits = make_splits(dataset, cfg.val_fraction, cfg.seed)
@@ -162,7 +168,8 @@ def ranked_by(path: str, genotypes: list[Genotype], args) -> list[dict]:
     # the same training batches for every genotype (in order, not augmented): their statistics differ only by
     # the architecture
     calibrate = make_loader("tensor", tx, ty, cfg.batch_size, train=False, augment=augment, seed=cfg.seed)
-    return shared_accuracies(steps, genotypes, evaluate, calibrate, args.bn_batches)
+    return shared_accuracies(steps, genotypes, evaluate, calibrate, args.bn_batches), min(args.bn_batches,
+                                                                                           len(calibrate))
 
 
 def report(result: dict, labels, boot: int, indent: str = "") -> None:

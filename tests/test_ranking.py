@@ -52,7 +52,12 @@ def test_ranking_of_a_smoke_search(tmp_path, capsys):
     assert rows["g0"]["shared_loss"] != rows["g1"]["shared_loss"]
     assert all(0 <= r["shared"] <= 1 and 0 <= r["shared_bn"] <= 1 for r in rows.values())
     assert set(data["correlations"]) == {"shared", "shared_bn"}
-    assert "Kendall tau" in capsys.readouterr().out
+    assert data["bn_batches_used"] == [3] and "BN re-estimated (3 batches)" in capsys.readouterr().out
+    # asked for more batches than the training split holds: all of them, and the record says how many
+    assert ranking.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--results", str(results),
+                         "--bn-batches", "100000", "--bootstrap", "10", "--json", str(tmp_path / "all.json")]) == 0
+    [used] = json.loads((tmp_path / "all.json").read_text())["bn_batches_used"]
+    assert 3 < used < 100000 and f"BN re-estimated ({used} batches)" in capsys.readouterr().out
 
     # two supernets: each ranked on its own, and the genotypes ranked by their mean accuracy over both
     both = tmp_path / "both.json"
