@@ -88,14 +88,18 @@ def plane(rows: list[dict], handmade: dict | None, cost: str) -> dict:
     pools = {"uniform": [r for r in rows if r["group"] == "random"],
              "all": [r for r in rows if r["group"] in RANDOM.values()]}
     if len(pools["all"]) == len(pools["uniform"]):
-        del pools["all"]
+        del pools["all"]                      # no spread rows: the one line
+    elif len(pools["uniform"]) < 2:
+        del pools["uniform"]                  # spread rows alone (search_quality --random 0): no uniform line
+    if len(next(iter(pools.values()))) < 2:
+        raise SystemExit("cost_plane: the results files hold fewer than 2 random genotypes; a line needs 2 or more")
     lines = {}
     for which, pool in pools.items():
         a, b = fit(pool, cost)
         lines[which] = {"intercept": a, "slope_per_ln": b, "n": len(pool),
                         "range": [min(r[cost] for r in pool), max(r[cost] for r in pool)]}
-    random = pools.get("all", pools["uniform"])
-    mean = statistics.fmean(r[cost] for r in pools["uniform"])
+    random = pools.get("all") or pools["uniform"]
+    mean = statistics.fmean(r[cost] for r in pools.get("uniform") or random)
     out = {"lines": lines, "random_mean": mean, "front": [r["name"] for r in front(random, cost)], "rows": {}}
     for r in rows + ([handmade] if handmade else []):
         if r["group"] in RANDOM.values():

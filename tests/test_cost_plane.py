@@ -22,6 +22,17 @@ def test_front_keeps_what_nothing_beats_in_both_and_the_line_fits_log_cost():
     assert a == pytest.approx(0.8) and b == pytest.approx(0.05)
 
 
+def test_the_plane_with_spread_genotypes_alone_fits_one_line_and_without_random_ones_stops():
+    spread = [{"name": f"spread{i}", "group": plane.RANDOM["spread"], "macs": m, "test_acc": a}
+              for i, (m, a) in enumerate([(1.0, 0.5), (2.0, 0.6), (4.0, 0.7)])]
+    searched = {"name": "s", "group": "searched, cost=macs <= 2", "macs": 2.0, "test_acc": 0.65}
+    got = plane.plane(spread + [searched], None, "macs")
+    assert list(got["lines"]) == ["all"] and got["random_mean"] == pytest.approx(7 / 3)
+    assert got["rows"]["s"]["above"]["all"] == pytest.approx(0.05) and got["rows"]["s"]["inside"] == {"all": True}
+    with pytest.raises(SystemExit, match="fewer than 2 random genotypes"):
+        plane.plane(spread[:1] + [searched], None, "macs")
+
+
 def test_the_plane_from_results_files(tmp_path, capsys):
     recipe = preset("smoke").override(TRAIN_ONLY)
     rng = np.random.default_rng(0)
