@@ -126,11 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:   # the mean over the supernets (one checkpoint: its own figures)
         r.update({k: float(np.mean([a[k] for a in r["per_checkpoint"]])) for k in r["per_checkpoint"][0]})
     standalone = np.array([r["standalone"] for r in rows])
-    result = {key: correlations(np.array([r[key] for r in rows]), standalone, args.bootstrap)
-              for key in ("shared", "shared_bn")}
-    per_checkpoint = [{"checkpoint": path, "bn_batches_used": used[i], **{key: correlations(np.array([r["per_checkpoint"][i][key] for r in rows]),
-                                                                standalone, args.bootstrap)
-                                              for key in ("shared", "shared_bn")}}
+
+    def against_standalone(accs: list[dict]) -> dict:
+        return {key: correlations(np.array([a[key] for a in accs]), standalone, args.bootstrap)
+                for key in ("shared", "shared_bn")}
+    result = against_standalone(rows)
+    # one checkpoint: its own figures are the mean's, bootstrapped once
+    per_checkpoint = [{"checkpoint": path, "bn_batches_used": used[i],
+                       **(result if len(args.checkpoint) == 1 else against_standalone([r["per_checkpoint"][i]
+                                                                                      for r in rows]))}
                       for i, path in enumerate(args.checkpoint)]
     which = args.checkpoint[0] if len(args.checkpoint) == 1 else f"the mean over {len(args.checkpoint)} supernets"
     print_table([{"name": r["name"], "standalone": 100 * r["standalone"], "shared": 100 * r["shared"],
