@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
 import sys
 
 from common import print_table, write_json  # (puts the project on sys.path)
 import numpy as np
 from planted import decidedness
 
+from engine import report
 from engine.errors import AsoseError
 from engine.genotype import CELL_TYPES, Genotype
 from engine.ops import PARAMETER_FREE, PRIMITIVES
@@ -37,19 +36,15 @@ SKIP = PRIMITIVES.index("skip_connect")
 
 
 def read_run(run: str) -> tuple[Genotype, dict[str, np.ndarray]]:
-    """The run's derived genotype and its last recorded op probabilities (cell type -> edges x ops)."""
+    """The run's derived genotype and its last recorded op probabilities (cell type -> edges x ops), read by
+    engine/report.py's `read_run`."""
     try:
-        genotype = Genotype.load(os.path.join(run, "genotype.json"))
-        probs = None
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            for line in f:
-                record = json.loads(line)
-                if "probs" in record:
-                    probs = record["probs"]
-        if probs is None:
-            raise ValueError("no record holds op probabilities")
-        return genotype, {t: np.array(probs[t], dtype=float) for t in CELL_TYPES}
-    except (OSError, ValueError, KeyError, TypeError, AsoseError) as e:
+        record = report.read_run(run)
+        probs = next((r["probs"] for r in reversed(record["epochs"]) if r.get("probs")), None)
+        if record["genotype"] is None or probs is None:
+            raise ValueError("no genotype.json" if record["genotype"] is None else "no record holds op probabilities")
+        return record["genotype"], {t: np.array(probs[t], dtype=float) for t in CELL_TYPES}
+    except (ValueError, KeyError, TypeError, AsoseError) as e:
         raise AsoseError(f"{run}: not a finished search's run directory ({e.__class__.__name__}: {e}); pass one "
                          f"that `aso-se search` wrote (genotype.json and metrics.jsonl)") from None
 

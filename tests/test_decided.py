@@ -16,8 +16,9 @@ SEP3, SKIP = (PRIMITIVES.index(op) for op in ("sep_conv_3x3", "skip_connect"))
 def fake_run(path, genotype: Genotype, probs: dict[str, np.ndarray]) -> str:
     path.mkdir()
     (path / "genotype.json").write_text(json.dumps(genotype.to_json()))
-    records = [{"phase": "search", "probs": {t: (np.full_like(p, 1 / 8)).tolist() for t, p in probs.items()}},
-               {"phase": "growth", "probs": {t: p.tolist() for t, p in probs.items()}},
+    uniform = {t: np.full_like(p, 1 / 8).tolist() for t, p in probs.items()}
+    records = [{"phase": "search", "epoch": 1, "probs": uniform},
+               {"phase": "growth", "epoch": 1, "probs": {t: p.tolist() for t, p in probs.items()}},
                {"phase": "final", "test_acc": 0.5}]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
