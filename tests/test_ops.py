@@ -87,3 +87,41 @@ def test_factorized_reduce_equals_a_strided_convolution():
     shifted = torch.nn.functional.pad(y, (0, 1, 0, 1))[:, :, 1:, 1:]
     ref2 = torch.nn.functional.conv2d(shifted, op.conv_2.weight, stride=2)
     assert torch.allclose(op(x), op.bn(torch.cat([ref1, ref2], 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [14, 7, 4, 13])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_strided_dilated_depthwise_is_the_dilated_convolution(kernel, size, layout):
+    """The reduction cells' dilated convs run as undilated convs of the even pixels (engine/ops.py
+    `Depthwise`): the same outputs as nn.Conv2d's dilated strided conv, the same gradients up to summation
+    order, in the input's layout."""
+    from engine.ops import Depthwise
+    torch.manual_seed(0)
+    pad = kernel - 1  # dilation 2
+    op = Depthwise(6, 6, kernel, 2, pad, dilation=2, groups=6, bias=False)
+    ref = torch.nn.Conv2d(6, 6, kernel, 2, pad, dilation=2, groups=6, bias=False)
+    ref.weight.data.copy_(op.weight.data)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(5, 6, size, size).contiguous(memory_format=fmt).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    y, yr = op(x), ref(xr)
+    assert y.shape == yr.shape and torch.equal(y, yr)
+    if layout == "channels_last" and y.shape[-1] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    g = torch.randn_like(yr)
+    y.backward(g)
+    yr.backward(g)
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5) and torch.allclose(op.weight.grad, ref.weight.grad, atol=1e-4)
+
+
+def test_only_stride_2_dilation_2_takes_the_even_pixels():
+    """The other depthwise convs (sep convs, dilated convs at stride 1) are nn.Conv2d's own."""
+    from engine.ops import Depthwise
+    dil = make_op("dil_conv_3x3", 4, 2, affine=True)
+    assert isinstance(dil[1], Depthwise) and dil[1].stride == (2, 2) and dil[1].dilation == (2, 2)
+    x = torch.randn(2, 4, 8, 8)
+    for op in (Depthwise(4, 4, 3, 1, 2, dilation=2, groups=4, bias=False),
+               Depthwise(4, 4, 3, 2, 1, dilation=1, groups=4, bias=False)):
+        assert torch.equal(op(x), torch.nn.functional.conv2d(x, op.weight, None, op.stride, op.padding,
+                                                             op.dilation, op.groups))
