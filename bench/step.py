@@ -1,10 +1,10 @@
 """Step throughput per phase and variant:
 
     eager-dense       the DARTS formulation: every op on every edge, softmax weights (warmup: one-hot
-                      skip weights), eager, contiguous memory format; its architecture step back-propagates
-                      into every weight too (DARTS' first-order `loss.backward()`)
+                      skip weights), eager, contiguous memory format, DARTS' own dilated convs; its
+                      architecture step back-propagates into every weight too (DARTS' first-order `loss.backward()`)
     engine-eager      the engine's steps, eager: hard sampling, one op per edge, logit-only gradients for
-                      architecture steps, channels_last on the CPU
+                      architecture steps, channels_last on the CPU, strided dilated convs on the even pixels
     engine-compiled   the engine's steps with `compile=on` (static graphs for warmup/optimize, per-op graphs
                       for search); compile time is measured apart and kept out of it/s
 
@@ -29,7 +29,7 @@ import time
 import common  # noqa: F401
 import torch
 
-from engine.baseline import EagerDarts
+from engine.baseline import EagerDarts, darts_convolutions
 from engine.build import build_run
 from engine.config import preset
 from engine.compile import reset as reset_compiled
@@ -61,7 +61,7 @@ def measure(cfg, phase: str, variant: str, iters: int, warmup_iters: int, read_i
     if phase == "optimize":
         model = run.build_final(run.arch.genotype())
         if variant == "eager-dense":
-            model.net.to(memory_format=torch.contiguous_format)
+            darts_convolutions(model.net.to(memory_format=torch.contiguous_format))
             model.steps.channels_last = False
     else:
         model = run.supernet

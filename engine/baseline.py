@@ -4,7 +4,7 @@ The DARTS formulation (Liu et al. 2019), eager: every op on every edge, `sum_k w
 weights of the logits (warmup: one-hot skip_connect), no sampling, no skipping, no compile; its
 architecture step back-propagates into every weight as well as the logits, as first-order DARTS'
 `loss.backward()` does. It runs on the engine's own supernet and architecture, so the two are compared on
-the same parameters.
+the same parameters, with DARTS' own dilated convs (`darts_convolutions`).
 """
 from __future__ import annotations
 
@@ -14,13 +14,23 @@ import torch.nn.functional as F
 from .arch import Architecture
 from .genotype import CELL_TYPES, SKIP
 from .network import Network
+from .ops import Depthwise
+
+
+def darts_convolutions(net: torch.nn.Module) -> torch.nn.Module:
+    """Run every dilated conv as nn.Conv2d's own (DARTS' op), not on the even pixels as the engine does
+    (engine/ops.py `Depthwise`); the outputs are the same, the speed is DARTS'."""
+    for m in net.modules():
+        if isinstance(m, Depthwise):
+            m.even_pixels = False
+    return net
 
 
 class EagerDarts:
     def __init__(self, net: Network, arch: Architecture, weight_opt: torch.optim.Optimizer | None = None,
                  arch_opt: torch.optim.Optimizer | None = None, grad_clip: float = 5.0,
                  memory_format: torch.memory_format = torch.contiguous_format):
-        self.net, self.arch, self.weight_opt, self.arch_opt = net, arch, weight_opt, arch_opt
+        self.net, self.arch, self.weight_opt, self.arch_opt = darts_convolutions(net), arch, weight_opt, arch_opt
         self.grad_clip, self.memory_format = grad_clip, memory_format
         self.params = list(net.parameters())
 

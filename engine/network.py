@@ -19,7 +19,7 @@ from torch import nn
 from .arch import CellWeights
 from .genotype import CELL_TYPES, Genotype, edge_index
 from .mixed import MixedOp
-from .ops import PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, make_op, zeros_like_layout
+from .ops import PRIMITIVES, FactorizedReduce, Identity, ReLUConvBN, grad_in_layout, make_op, zeros_like_layout
 
 
 @dataclass
@@ -219,7 +219,7 @@ class Network(nn.Module):
                 states[spec.output] = states[spec.output] + cell.scale.view(1, -1, 1, 1) * y
             else:
                 states.append(y)
-        return self.classifier(self.pool(states[-1]).flatten(1))
+        return self.classifier(self.pool(grad_in_layout(states[-1])).flatten(1))
 
     def set_drop_path(self, prob: float) -> None:
         """Drop each non-identity op's output with probability `prob` in training (written into the cells'

@@ -26,6 +26,55 @@ def channels_last(ref: torch.Tensor) -> bool:
     return ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last)
 
 
+class _Subsample(torch.autograd.Function):
+    """x[:, :, o::2, o::2] in x's layout, whose gradient is in x's layout too: a slice's own backward writes
+    into contiguous zeros, and a contiguous gradient meeting channels_last features makes every elementwise
+    backward downstream take the slow strided path (ReLU's backward: 4.9 ms against 0.37 ms at 128x64x14x14)."""
+
+    @staticmethod
+    def forward(ctx, x, offset):
+        ctx.shape, ctx.offset, ctx.cl = x.shape, offset, channels_last(x)
+        out = x[:, :, offset::2, offset::2]
+        return out.contiguous(memory_format=torch.channels_last) if ctx.cl else out.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        o = ctx.offset
+        out = grad.new_zeros(ctx.shape)
+        if ctx.cl:
+            out = out.contiguous(memory_format=torch.channels_last)
+        out[:, :, o::2, o::2] = grad
+        return out, None
+
+
+class _GradInLayout(torch.autograd.Function):
+    """The identity, whose gradient is made channels_last when its input was."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.cl = channels_last(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last) if ctx.cl else grad
+
+
+def grad_in_layout(x: torch.Tensor) -> torch.Tensor:
+    """x, with its gradient in x's layout. Global average pooling's backward hands back a contiguous gradient:
+    met by channels_last features, every backward of the last cell then takes a slow mixed-layout path."""
+    return _GradInLayout.apply(x)
+
+
+def subsample(x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Every second pixel from `offset` (0: the even ones, 1: the odd ones; the output has ceil(H/2) rows, a
+    missing last odd row or column is zeros, as a conv's padding reads it), in x's memory format."""
+    out = _Subsample.apply(x, offset)
+    h, w = x.shape[-2:]
+    extra_h, extra_w = (h + 1) // 2 - out.shape[-2], (w + 1) // 2 - out.shape[-1]
+    return F.pad(out, (0, extra_w, 0, extra_h)) if extra_h or extra_w else out
+
+
 def zeros_like_layout(ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Zeros of `shape` in `ref`'s memory format: a contiguous zero tensor added to channels_last features
     would switch the sum's layout (extra copies, and a second compiled graph for every op downstream)."""
@@ -64,15 +113,15 @@ class Depthwise(nn.Conv2d):
     output i reads input 2i + 2k - p = 2(i + k - p/2), so the products and the outputs are the same, for odd
     sizes too. oneDNN has no fast kernel for the dilated strided depthwise conv on channels_last input: its
     forward and backward took 10-18 ms against 1.2-4.6 ms this way (batch 128, 7x7 and 14x14; torch 2.14.1 CPU),
-    and they were 16% of the main job's optimize step. The weight gradient's sums may round in another order."""
+    and they were 16% of the main job's optimize step. The weight gradient's sums may round in another order.
+    `even_pixels = False` runs nn.Conv2d's own dilated conv (the eager DARTS baseline, engine/baseline.py)."""
+
+    even_pixels = True
 
     def forward(self, x):
         ph, pw = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
-        if self.stride == (2, 2) and self.dilation == (2, 2) and ph % 2 == 0 and pw % 2 == 0:
-            even = x[:, :, ::2, ::2]
-            if channels_last(x):  # a subsampled view reads as neither layout; keep the features' one
-                even = even.contiguous(memory_format=torch.channels_last)
-            return F.conv2d(even, self.weight, self.bias, 1, (ph // 2, pw // 2), 1, self.groups)
+        if self.even_pixels and self.stride == (2, 2) and self.dilation == (2, 2) and ph % 2 == 0 and pw % 2 == 0:
+            return F.conv2d(subsample(x), self.weight, self.bias, 1, (ph // 2, pw // 2), 1, self.groups)
         return super().forward(x)
 
 
@@ -114,8 +163,7 @@ class FactorizedReduce(nn.Module):
 
     def forward(self, x):
         x = self.relu(x)
-        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:] if x.shape[-1] % 2 or x.shape[-2] % 2 else x[:, :, 1:, 1:]
-        return self.bn(torch.cat([self.conv_1(x[:, :, ::2, ::2]), self.conv_2(shifted[:, :, ::2, ::2])], dim=1))
+        return self.bn(torch.cat([self.conv_1(subsample(x)), self.conv_2(subsample(x, 1))], dim=1))
 
 
 class PoolBN(nn.Sequential):

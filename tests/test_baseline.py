@@ -32,3 +32,16 @@ def test_eager_darts_is_the_dense_softmax_sum_and_its_arch_step_reaches_every_we
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     darts.arch_step(x, y, "search")
     assert not all(torch.equal(a, b) for a, b in zip(logits, arch.parameters()))
+
+
+def test_the_baseline_runs_darts_own_dilated_convs():
+    """The eager DARTS baseline times nn.Conv2d's dilated conv, not the engine's even-pixel one; both give
+    the same outputs."""
+    from engine.baseline import darts_convolutions
+    from engine.ops import Depthwise, make_op
+    op = make_op("dil_conv_5x5", 4, 2, affine=False)
+    x = torch.randn(3, 4, 9, 9)
+    engine_out = op(x)
+    darts_convolutions(op)
+    assert not any(m.even_pixels for m in op.modules() if isinstance(m, Depthwise))
+    assert torch.equal(op(x), engine_out)

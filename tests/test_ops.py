@@ -125,3 +125,48 @@ def test_only_stride_2_dilation_2_takes_the_even_pixels():
                Depthwise(4, 4, 3, 2, 1, dilation=1, groups=4, bias=False)):
         assert torch.equal(op(x), torch.nn.functional.conv2d(x, op.weight, None, op.stride, op.padding,
                                                              op.dilation, op.groups))
+
+
+@pytest.mark.parametrize("size", [12, 13])
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_subsample_is_the_strided_slice_with_its_gradient_in_the_input_layout(size, offset, layout):
+    """engine/ops.py `subsample`: x[:, :, o::2, o::2] (a missing last odd row/column is zeros, ceil(H/2) rows
+    either way), whose gradient keeps x's memory format (a slice's own gradient is contiguous)."""
+    from engine.ops import subsample
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(3, 5, size, size).contiguous(memory_format=fmt).requires_grad_()
+    ref = torch.nn.functional.pad(x, (0, 1, 0, 1))[:, :, offset::2, offset::2][:, :, :(size + 1) // 2, :(size + 1) // 2]
+    y = subsample(x, offset)
+    assert torch.equal(y, ref)
+    g = torch.randn_like(ref)
+    (grad,) = torch.autograd.grad(y, x, g)
+    (grad_ref,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(grad, grad_ref)
+    assert grad.is_contiguous(memory_format=fmt)
+
+
+def test_no_gradient_of_a_channels_last_network_is_contiguous():
+    """Every feature-map gradient of a channels_last network is channels_last, or a channel slice of one (the
+    concatenation's backward). A contiguous one makes every elementwise backward after it take a slow strided
+    path; global pooling's backward (fixed by engine/ops.py `grad_in_layout`) and a slice's (`subsample`)
+    handed them out."""
+    from engine.genotype import Genotype
+    from engine.network import Network, darts_spec
+    pairs = [["sep_conv_3x3", 0], ["dil_conv_5x5", 1], ["dil_conv_3x3", 0], ["skip_connect", 1],
+             ["max_pool_3x3", 2], ["avg_pool_3x3", 3], ["sep_conv_5x5", 4], ["skip_connect", 2]]
+    g = Genotype.from_json({"normal": pairs, "normal_concat": [2, 3, 4, 5], "reduce": pairs, "reduce_concat": [2, 3, 4, 5]})
+    net = Network(darts_spec(1, 10, c=4, layers=3), genotype=g).to(memory_format=torch.channels_last)
+    contiguous = []
+
+    def watch(name):
+        def hook(mod, inp, out):
+            if isinstance(out, torch.Tensor) and out.requires_grad and out.dim() == 4 and min(out.shape[-2:]) > 1:
+                out.register_hook(lambda grad: contiguous.append(name) if grad.stride(1) != 1 else None)
+        return hook
+
+    for name, m in net.named_modules():
+        m.register_forward_hook(watch(name))
+    x = torch.randn(5, 1, 13, 13).contiguous(memory_format=torch.channels_last)
+    net(x).square().sum().backward()
+    assert contiguous == []
