@@ -45,3 +45,17 @@ def test_the_baseline_runs_darts_own_dilated_convs():
     darts_convolutions(op)
     assert not any(m.even_pixels for m in op.modules() if isinstance(m, Depthwise))
     assert torch.equal(op(x), engine_out)
+
+
+def test_the_layout_bench_runs_and_writes_its_rows(tmp_path):
+    """bench/layouts.py (the timings behind engine/ops.py's layout choices), at toy size: every case and
+    variant is timed once and written; nothing about the times is asserted."""
+    import json
+
+    from .conftest import load_bench
+    out = tmp_path / "layouts.json"
+    assert load_bench("layouts").main(["--reps", "1", "--batch", "2", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    cases = {(r["case"], r["variant"]) for r in records}
+    assert ("dilated-strided", "even-pixels") in cases and ("relu-backward", "contiguous") in cases
+    assert all(r["ms"] > 0 for r in records)
