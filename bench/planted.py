@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"planted: error: {e}", file=sys.stderr)
         return e.exit_code
 
+    if not any(r["kind"] == "random" for r in rows):  # a shard of the searches (--random 0): nothing to judge
+        print(f"planted: {len(rows)} search(es) done and cached in {work}; the table needs random genotypes "
+              f"(--random N, default 20)")
+        return 0
     scored = SCORED[args.task]
     for r in rows:
         r["share_scored"] = scored_share(r["genotype"], family, scored)

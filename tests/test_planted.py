@@ -188,3 +188,11 @@ def test_quick_protocol_writes_shares_margins_and_a_verdict(planted, tmp_path, m
     again = tmp_path / "again.json"
     assert planted.main(["--quick", "--work", str(work), "--json", str(again)]) == 0
     assert json.loads(again.read_text())["records"] == data["records"]
+    # a shard of the searches (--random 0, as the protocol's two processes split the seeds): it reuses the
+    # cache, prints a line and exits 0 instead of a numpy error on an empty random percentile
+    shard = tmp_path / "shard.json"
+    args = ["--task", "planted-lag", "--random", "0", "--search-seeds", "0", "--shuffled-seeds", "",
+            "--train-seeds", "0", "--epochs", "1"]
+    for o in planted.QUICK["overrides"]:
+        args += ["--set", o]
+    assert planted.main(args + ["--work", str(work), "--json", str(shard)]) == 0 and not shard.exists()
