@@ -60,16 +60,26 @@ class _GradInLayout(torch.autograd.Function):
         return grad.contiguous(memory_format=torch.channels_last) if ctx.cl else grad
 
 
+def _recording(x: torch.Tensor) -> bool:
+    """Whether autograd records x's graph and no tracer is looking: TorchScript cannot export a Python
+    autograd.Function (`aso-se export`), and without a backward the plain ops compute the same values."""
+    return x.requires_grad and torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+
+
 def grad_in_layout(x: torch.Tensor) -> torch.Tensor:
     """x, with its gradient in x's layout. Global average pooling's backward hands back a contiguous gradient:
     met by channels_last features, every backward of the last cell then takes a slow mixed-layout path."""
-    return _GradInLayout.apply(x)
+    return _GradInLayout.apply(x) if _recording(x) else x
 
 
 def subsample(x: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Every second pixel from `offset` (0: the even ones, 1: the odd ones; the output has ceil(H/2) rows, a
     missing last odd row or column is zeros, as a conv's padding reads it), in x's memory format."""
-    out = _Subsample.apply(x, offset)
+    if _recording(x):
+        out = _Subsample.apply(x, offset)
+    else:
+        out = x[:, :, offset::2, offset::2]
+        out = out.contiguous(memory_format=torch.channels_last) if channels_last(x) else out.contiguous()
     h, w = x.shape[-2:]
     extra_h, extra_w = (h + 1) // 2 - out.shape[-2], (w + 1) // 2 - out.shape[-1]
     return F.pad(out, (0, extra_w, 0, extra_h)) if extra_h or extra_w else out
