@@ -1,13 +1,27 @@
-"""Shared by the bench scripts: machine/version info, the printed table, the JSON file."""
+"""Shared by the bench scripts: machine/version info, the CPU timer, the printed table, the JSON file."""
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as `python bench/x.py`
 
 from engine.machine import machine_info  # noqa: E402  (the JSON files' header)
+
+
+def median_ms(fn, reps: int, warmup: int = 2) -> float:
+    """The median wall time of `reps` calls of `fn` in milliseconds, after `warmup` untimed ones (CPU: no sync)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:

@@ -19,28 +19,15 @@ optimize network's shapes (C=16, 14x14 and smaller):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import common  # noqa: F401  (puts the repo on sys.path)
 import torch
 import torch.nn.functional as F
 
-from common import print_table, write_json
+from common import median_ms, print_table, write_json
 from engine.ops import subsample
 
 CL = torch.channels_last
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def fwd_bwd(make):
@@ -73,7 +60,7 @@ def rows(reps: int, batch: int) -> list[dict]:
         for variant, make in (("direct", lambda: F.conv2d(x, w, None, 2, k - 1, 2, c)),
                               ("even-pixels", lambda: F.conv2d(subsample(x), w, None, 1, (k - 1) // 2, 1, c))):
             out.append({"case": "dilated-strided", "shape": f"{batch}x{c}x{size}x{size} k{k}", "variant": variant,
-                        "ms": timed(fwd_bwd(make), reps)})
+                        "ms": median_ms(fwd_bwd(make), reps, warmup=3)})
     for c, size, k in ((16, 14, 3), (16, 14, 5), (32, 7, 3), (32, 7, 5), (64, 4, 3), (64, 4, 5)):
         x = torch.randn(batch, c, size, size).contiguous(memory_format=CL).requires_grad_()
         w = torch.randn(c, 1, k, k, requires_grad=True)
@@ -81,20 +68,20 @@ def rows(reps: int, batch: int) -> list[dict]:
                               ("zero-inserted", lambda: zero_inserted(x, w, k - 1)),
                               ("polyphase", lambda: polyphase(x, w, k - 1))):
             out.append({"case": "dilated-stride1", "shape": f"{batch}x{c}x{size}x{size} k{k}", "variant": variant,
-                        "ms": timed(fwd_bwd(make), reps)})
+                        "ms": median_ms(fwd_bwd(make), reps, warmup=3)})
     for c, size in ((64, 14), (128, 7)):
         x = torch.randn(batch, c, size, size).contiguous(memory_format=CL)
         wide = torch.randn(batch, 4 * c, size, size).contiguous(memory_format=CL)
         for variant, grad in (("same", torch.randn_like(x)), ("slice", wide[:, :c]),
                               ("contiguous", torch.randn(x.shape))):
             out.append({"case": "relu-backward", "shape": f"{batch}x{c}x{size}x{size}", "variant": variant,
-                        "ms": timed(lambda: torch.ops.aten.threshold_backward(grad, x, 0), reps)})
+                        "ms": median_ms(lambda: torch.ops.aten.threshold_backward(grad, x, 0), reps, warmup=3)})
     for c, size in ((64, 14), (128, 7)):
         x = torch.randn(batch, c, size, size).contiguous(memory_format=CL).requires_grad_()
         for variant, make in (("slice", lambda: torch.relu(x)[:, :, ::2, ::2]),
                               ("subsample", lambda: subsample(torch.relu(x)))):
             out.append({"case": "subsample+relu", "shape": f"{batch}x{c}x{size}x{size}", "variant": variant,
-                        "ms": timed(fwd_bwd(make), reps)})
+                        "ms": median_ms(fwd_bwd(make), reps, warmup=3)})
     return out
 
 

@@ -23,26 +23,14 @@ was available): forward at or above 85% of copy bandwidth for large shapes and a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import common  # noqa: F401  (puts the repo on sys.path)
 import torch
 
+from common import median_ms
 from kernels.mixed_sum import mixed_sum_backward, mixed_sum_forward, mixed_sum_ref
 
 SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]
-
-
-def bench_cpu(fn, reps: int) -> float:
-    fn()  # warm-up (and compile for the compiled provider)
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def bench_cuda(fn) -> float:
@@ -125,7 +113,7 @@ def main() -> None:
                             rec.update(ms=None, gb_per_s=None, note="not measured: no GPU")
                         else:
                             case = make_case(provider, mode, xs, w, grad_w, compiled_cache)
-                            ms = bench_cuda(case) if cuda else bench_cpu(case, args.reps)
+                            ms = bench_cuda(case) if cuda else median_ms(case, args.reps)  # warm-ups compile
                             gbs = useful_bytes(mode, n, 4, k, grad_w) / ms / 1e6
                             rec.update(ms=round(ms, 4), gb_per_s=round(gbs, 2))
                             if cuda:
