@@ -26,6 +26,18 @@ def channels_last(ref: torch.Tensor) -> bool:
     return ref.dim() == 4 and not ref.is_contiguous() and ref.is_contiguous(memory_format=torch.channels_last)
 
 
+def _zeros(like: torch.Tensor, shape, cl: bool) -> torch.Tensor:
+    """Zeros of `shape` with `like`'s dtype and device, channels_last if `cl`: allocated in that layout at once."""
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt).zero_()
+
+
+def _pixels(x: torch.Tensor, offset: int) -> torch.Tensor:
+    """x[:, :, o::2, o::2], dense in x's layout (a strided view reads as neither layout)."""
+    out = x[:, :, offset::2, offset::2]
+    return out.contiguous(memory_format=torch.channels_last) if channels_last(x) else out.contiguous()
+
+
 class _Subsample(torch.autograd.Function):
     """x[:, :, o::2, o::2] in x's layout, whose gradient is in x's layout too: a slice's own backward writes
     into contiguous zeros, and a contiguous gradient meeting channels_last features makes every elementwise
@@ -34,15 +46,12 @@ class _Subsample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, offset):
         ctx.shape, ctx.offset, ctx.cl = x.shape, offset, channels_last(x)
-        out = x[:, :, offset::2, offset::2]
-        return out.contiguous(memory_format=torch.channels_last) if ctx.cl else out.contiguous()
+        return _pixels(x, offset)
 
     @staticmethod
     def backward(ctx, grad):
         o = ctx.offset
-        out = grad.new_zeros(ctx.shape)
-        if ctx.cl:
-            out = out.contiguous(memory_format=torch.channels_last)
+        out = _zeros(grad, ctx.shape, ctx.cl)
         out[:, :, o::2, o::2] = grad
         return out, None
 
@@ -75,11 +84,7 @@ def grad_in_layout(x: torch.Tensor) -> torch.Tensor:
 def subsample(x: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """Every second pixel from `offset` (0: the even ones, 1: the odd ones; the output has ceil(H/2) rows, a
     missing last odd row or column is zeros, as a conv's padding reads it), in x's memory format."""
-    if _recording(x):
-        out = _Subsample.apply(x, offset)
-    else:
-        out = x[:, :, offset::2, offset::2]
-        out = out.contiguous(memory_format=torch.channels_last) if channels_last(x) else out.contiguous()
+    out = _Subsample.apply(x, offset) if _recording(x) else _pixels(x, offset)
     h, w = x.shape[-2:]
     extra_h, extra_w = (h + 1) // 2 - out.shape[-2], (w + 1) // 2 - out.shape[-1]
     return F.pad(out, (0, extra_w, 0, extra_h)) if extra_h or extra_w else out
@@ -88,8 +93,7 @@ def subsample(x: torch.Tensor, offset: int = 0) -> torch.Tensor:
 def zeros_like_layout(ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Zeros of `shape` in `ref`'s memory format: a contiguous zero tensor added to channels_last features
     would switch the sum's layout (extra copies, and a second compiled graph for every op downstream)."""
-    out = ref.new_zeros(shape)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last(ref) else out
+    return _zeros(ref, shape, channels_last(ref))
 
 
 class Zero(nn.Module):
@@ -129,9 +133,10 @@ class Depthwise(nn.Conv2d):
     even_pixels = True
 
     def forward(self, x):
-        ph, pw = self.padding if isinstance(self.padding, tuple) else (self.padding, self.padding)
-        if self.even_pixels and self.stride == (2, 2) and self.dilation == (2, 2) and ph % 2 == 0 and pw % 2 == 0:
-            return F.conv2d(subsample(x), self.weight, self.bias, 1, (ph // 2, pw // 2), 1, self.groups)
+        pad = self.padding  # nn.Conv2d keeps a pair, or a string ("same"), which this rewrite leaves alone
+        if self.even_pixels and self.stride == (2, 2) and self.dilation == (2, 2) and isinstance(pad, tuple) \
+                and pad[0] % 2 == 0 and pad[1] % 2 == 0:
+            return F.conv2d(subsample(x), self.weight, self.bias, 1, (pad[0] // 2, pad[1] // 2), 1, self.groups)
         return super().forward(x)
 
 
