@@ -23,6 +23,7 @@ The derivation rule itself (two edges per node, the caps) is engine/genotype.py'
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 
 import torch
@@ -110,11 +111,13 @@ class Architecture(nn.Module):
     def __init__(self, nodes: int = 4, *, init_std: float = 0.5, none_init: float = -2.0, skip_init: float = 1.0,
                  hard: bool = True, skip_threshold: float = 0.0, dominant_threshold: float = 1.0,
                  keep_threshold: float = 1.0, max_skip: int | None = None, max_skip_reduce: int | None = None,
-                 max_param_free: int | None = None, max_param_free_reduce: int | None = None, seed: int = 0):
+                 max_param_free: int | None = None, max_param_free_reduce: int | None = None,
+                 prior: dict[str, dict[int, float]] | None = None, seed: int = 0):
         super().__init__()
         self.nodes = nodes
         self.edges = num_edges(nodes)
         self.init_std, self.none_init, self.skip_init = init_std, none_init, skip_init
+        self.prior = prior or {}  # cell type -> {op index: added to that op's initial logit} (parse_logit_prior)
         self.hard = hard
         self.max_skip = max_skip  # cap on skip_connect in the derived normal cell (None: no cap)
         self.max_skip_reduce = max_skip_reduce  # ... and in the derived reduction cell
@@ -122,7 +125,8 @@ class Architecture(nn.Module):
         self.max_param_free_reduce = max_param_free_reduce  # ... and in the derived reduction cell
         self.skip_threshold, self.dominant_threshold, self.keep_threshold = skip_threshold, dominant_threshold, keep_threshold
         g = torch.Generator().manual_seed(seed)
-        self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(g)) for t in CELL_TYPES})
+        self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(g) + self._offsets(t))
+                                        for t in CELL_TYPES})
         self.tau = 1.0
         self.skip_bias = 0.0
         self.state = ArchState()
@@ -138,7 +142,8 @@ class Architecture(nn.Module):
         return out
 
     def _init_logits(self, generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
-        """N(0, init_std) with `none` pushed down and `skip_connect` up, so `none` cannot dominate the start."""
+        """N(0, init_std) with `none` pushed down and `skip_connect` up, so `none` cannot dominate the start (the
+        cell type's `prior` is added by the caller: _offsets)."""
         rows = self.edges if rows is None else rows
         x = torch.randn(rows, len(PRIMITIVES), generator=generator) * self.init_std
         x[:, NONE] = self.none_init
@@ -286,12 +291,22 @@ class Architecture(nn.Module):
         for t in CELL_TYPES:
             p = self.logits[t]
             bad = ~torch.isfinite(p).all(dim=1, keepdim=True)
-            p.copy_(torch.where(bad, self._prior_row(p), p))
+            p.copy_(torch.where(bad, self._prior_row(t, p), p))
             self.state.counts[1] += bad.sum()
 
-    def _prior_row(self, like: torch.Tensor) -> torch.Tensor:
-        row = torch.zeros_like(like[:1])
-        row[0, NONE], row[0, SKIP] = self.none_init, self.skip_init
+    def _offsets(self, cell_type: str) -> torch.Tensor:
+        """(1, K): the cell type's `prior`, added to every edge's initial logits."""
+        row = torch.zeros(1, len(PRIMITIVES))
+        for k, v in self.prior.get(cell_type, {}).items():
+            row[0, k] = v
+        return row
+
+    def _prior_row(self, cell_type: str, like: torch.Tensor) -> torch.Tensor:
+        """(1, K): what the cell type's logits start from before the noise: `none` and `skip_connect` at their
+        init values, the other ops at 0, plus the cell type's `prior`."""
+        row = self._offsets(cell_type).to(like)
+        row[0, NONE] += self.none_init
+        row[0, SKIP] += self.skip_init
         return row
 
     def probabilities(self, cell_type: str) -> torch.Tensor:
@@ -322,6 +337,33 @@ class Architecture(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- temperature
+def parse_logit_prior(text: str) -> dict[str, dict[int, float]]:
+    """`logit_prior` as the config spells it, "reduce:max_pool_3x3=2,sep_conv_5x5=-1" (a cell type, normal, reduce
+    or both, then op=value pairs; "normal:...;reduce:..." for both types; no cell type: both), as the
+    Architecture takes it: cell type -> {op index: value added to that op's initial logit on every edge}."""
+    out: dict[str, dict[int, float]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        cells, sep, pairs = part.rpartition(":")
+        types = CELL_TYPES if cells.strip() in ("", "both") else (cells.strip(),)
+        if types[0] not in CELL_TYPES:
+            raise ConfigError(f"logit_prior {part!r}: unknown cell type {cells.strip()!r}; choose normal, reduce "
+                              "or both, e.g. reduce:max_pool_3x3=2")
+        for pair in filter(None, (q.strip() for q in pairs.split(","))):
+            op, eq, value = pair.partition("=")
+            if op.strip() not in PRIMITIVES:
+                raise ConfigError(f"logit_prior {pair!r}: unknown op {op.strip()!r}; choose one of "
+                                  f"{', '.join(PRIMITIVES)}")
+            try:
+                v = float(value)
+            except ValueError:
+                raise ConfigError(f"logit_prior {pair!r}: expected op=number, e.g. max_pool_3x3=2") from None
+            if not eq or not math.isfinite(v):
+                raise ConfigError(f"logit_prior {pair!r}: expected op=number, e.g. max_pool_3x3=2")
+            for t in types:
+                out.setdefault(t, {})[PRIMITIVES.index(op.strip())] = v
+    return out
+
+
 def temperature(step: int, total: int, tau_start: float, tau_end: float, kind: str = "exp") -> float:
     """Annealing from tau_start to tau_end over `total` units (architecture steps for "exp", epochs for
     "linear"); clamped at both ends."""

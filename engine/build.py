@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .arch import Architecture
+from .arch import Architecture, parse_logit_prior
 from .genotype import Genotype
 from .config import Config
 from .cost import CostTerm, cost_table
@@ -114,7 +114,8 @@ def build_architecture(cfg: Config, device: torch.device | str = "cpu") -> Archi
     """The architecture manager a config describes."""
     return Architecture(cfg.nodes, init_std=cfg.init_std, none_init=cfg.none_init, skip_init=cfg.skip_init,
                         hard=cfg.hard, skip_threshold=cfg.skip_threshold, dominant_threshold=cfg.dominant_threshold,
-                        keep_threshold=cfg.keep_threshold, **cfg.derivation_caps(), seed=cfg.seed).to(device)
+                        keep_threshold=cfg.keep_threshold, **cfg.derivation_caps(),
+                        prior=parse_logit_prior(cfg.logit_prior), seed=cfg.seed).to(device)
 
 
 def make_loaders(cfg: Config, splits: dict, augment, device: torch.device,

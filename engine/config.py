@@ -64,6 +64,9 @@ class Config:
     max_skip_reduce: int = -1             # ... and in the derived reduction cell
     max_param_free: int = -1              # parameter-free ops (pools, skip) allowed in the derived normal cell
     max_param_free_reduce: int = -1       # ... and in the derived reduction cell
+    logit_prior: str = ""                 # added to the initial logits of every edge: "reduce:max_pool_3x3=2" (cell
+                                          # type normal|reduce|both, op=value pairs; "normal:...;reduce:...").
+                                          # A known answer to start from, or how much of one a search needs
     logit_noise: float = 0.0              # std of noise added to the logits at each phase change
     gate_ops: bool = True                 # supernet ops other than skip start with a zero output scale (no
                                           # collapse at the switch after an all-skip warmup; ops.gate_output)
@@ -242,6 +245,8 @@ class Config:
         need(self.cost != "latency" or bool(self.latency_table), "latency_table",
              "cost=latency needs a table: write one with `aso-se latency --preset NAME --out FILE` (the same "
              "--set options as the search) and add --set latency_table=FILE")
+        from .arch import parse_logit_prior
+        parse_logit_prior(self.logit_prior)  # a ConfigError naming the bad part
         if self.search_epochs + self.growth_epochs > 0:
             need(self.val_fraction > 0, "val_fraction", "search needs a val split for architecture steps")
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.arch import Architecture, temperature
+from engine.arch import Architecture, parse_logit_prior, temperature
 from engine.genotype import CELL_TYPES, NONE, SKIP, Genotype, edge_index, num_edges
 from engine.errors import ConfigError
 from engine.ops import PRIMITIVES
@@ -35,6 +35,36 @@ def test_init_values_are_configurable():
     arch = Architecture(init_std=0.0, none_init=-5.0, skip_init=3.0)
     row = arch.logits["normal"][0].tolist()
     assert row[NONE] == -5.0 and row[SKIP] == 3.0 and row[1] == 0.0
+
+
+def test_logit_prior_adds_to_the_named_cell_types_only():
+    prior = parse_logit_prior("reduce:max_pool_3x3=2,sep_conv_5x5=-1; normal:skip_connect=0.5")
+    assert prior == {"reduce": {1: 2.0, 5: -1.0}, "normal": {3: 0.5}}
+    assert parse_logit_prior("dil_conv_3x3=1") == {t: {6: 1.0} for t in CELL_TYPES}  # no cell type: both
+    assert parse_logit_prior("") == {}
+    plain, primed = (Architecture(seed=3, prior=p) for p in (None, prior))
+    d = {t: primed.logits[t].detach() - plain.logits[t].detach() for t in CELL_TYPES}  # the same noise under both
+    expect = torch.zeros(len(PRIMITIVES))
+    expect[1], expect[5] = 2.0, -1.0
+    assert torch.allclose(d["reduce"], expect.expand(14, -1))
+    expect = torch.zeros(len(PRIMITIVES))
+    expect[SKIP] = 0.5
+    assert torch.allclose(d["normal"], expect.expand(14, -1))
+    primed.logits["reduce"].data[4, 0] = float("nan")
+    primed.repair_()  # a repaired row starts again from the prior, not from the plain init
+    row = [0.0] * len(PRIMITIVES)
+    row[NONE], row[SKIP], row[1], row[5] = primed.none_init, primed.skip_init, 2.0, -1.0
+    assert primed.logits["reduce"][4].tolist() == row
+
+
+@pytest.mark.parametrize("text, says", [("reduce:max_pool=2", "unknown op 'max_pool'"),
+                                        ("cells:max_pool_3x3=2", "unknown cell type 'cells'"),
+                                        ("max_pool_3x3", "expected op=number"),
+                                        ("max_pool_3x3=big", "expected op=number"),
+                                        ("max_pool_3x3=inf", "expected op=number")])
+def test_logit_prior_errors_name_the_bad_part(text, says):
+    with pytest.raises(ConfigError, match=says):
+        parse_logit_prior(text)
 
 
 def test_warmup_is_exactly_one_hot_skip_without_gradient():

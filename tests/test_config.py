@@ -76,6 +76,7 @@ def test_overrides_are_typed():
     ("optimize_channels=9", "optimize_channels"),
     ("arch_start_epochs=5", "arch_start_epochs"),  # past the search phase's end
     ("optimize_channels=16", "optimize_channels"),  # another width cannot take the supernet's weights
+    ("logit_prior=reduce:maxpool=2", "logit_prior"),
     ("no_such_field=1", "no_such_field"),
 ])
 def test_invalid_values_name_the_field(capsys, tmp_path, assignment, field):
