@@ -14,6 +14,12 @@ Then, for every pair of runs and cell type: the correlation of their per-edge pr
 (chance: 14 / 4 = 3.5), with the correlation of the convolutions' probabilities, each edge's centred on its mean.
 Pair a seed with another seed for consistency, and with a shuffled-label run (`--set shuffle_labels=true`) for
 what the labels add.
+
+`--op OP` adds one row per run for that op: its mean probability per cell type at the end, on how many derived
+edges it sits, the search epochs' last training accuracy (sampled architectures) and best and last val accuracy
+(the most likely architecture), beside the run's `logit_prior`, `arch_lr`, `arch_start_epochs` and
+`shuffle_labels`: how far a search moves toward an op it was or was not started near
+(docs/planted-tasks.md, "How near the answer must a search start?").
 """
 from __future__ import annotations
 
@@ -64,6 +70,23 @@ def run_summary(genotype: Genotype, probs: dict[str, np.ndarray]) -> dict[str, d
     return out
 
 
+def op_summary(run: str, genotype: Genotype, probs: dict[str, np.ndarray], op: str) -> dict:
+    """One run's row of `--op`: the op's mean probability and derived edges per cell type, the search epochs'
+    accuracies and the config fields that start or steer the search."""
+    record = report.read_run(run)
+    cfg, epochs = record["config"], [r for r in record["epochs"] if r.get("probs")]
+    k = PRIMITIVES.index(op)
+    val = [r["val_acc"] for r in epochs if r.get("val_acc") is not None]
+    row = {"run": run, "logit_prior": cfg.get("logit_prior") or "-", "arch_lr": cfg.get("arch_lr"),
+           "arch_start": cfg.get("arch_start_epochs"), "shuffled": cfg.get("shuffle_labels"), "epochs": len(epochs),
+           "train_acc": epochs[-1].get("train_acc") if epochs else None,
+           "val_best": max(val, default=None), "val_last": val[-1] if val else None}
+    for t in CELL_TYPES:
+        row[f"p_{t}"] = float(probs[t][:, k].mean())
+        row[f"derived_{t}"] = sum(1 for o, _ in getattr(genotype, t) if o == op)
+    return row
+
+
 def agreement(a: np.ndarray, b: np.ndarray) -> dict:
     """Two runs' distributions of one cell type (edges x ops): skip's per-edge correlation, and the
     convolutions': same most likely one on how many edges, and their centred probabilities' correlation."""
@@ -82,6 +105,8 @@ def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="search run directories")
+    p.add_argument("--op", default=None, choices=PRIMITIVES,
+                   help="also print each run's mean probability of this op, its derived edges and accuracies")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     try:
@@ -110,7 +135,15 @@ def main(argv: list[str] | None = None) -> int:
                     title="pairs of runs: per-edge p(skip) correlation; edges with the same most likely convolution "
                           f"(chance {pairs[0]['edges'] / len(CONVS):.1f}); convolutions' "
                           f"centred probabilities' correlation")
-    write_json(args.json, rows, runs=summaries, pairs=pairs)
+    extra = {}
+    if args.op:
+        ops = [op_summary(run, *runs[run], args.op) for run in args.runs]
+        print_table(ops, ["run", "logit_prior", "arch_lr", "arch_start", "shuffled", "epochs", "train_acc", "val_best",
+                          "val_last", "p_normal", "p_reduce", "derived_normal", "derived_reduce"],
+                    title=f"{args.op}: mean probability per cell type at the end (uniform {UNIFORM:.3f}), derived "
+                          f"edges (of 8), the search epochs' last train and best / last val accuracy")
+        extra = {"op": args.op, "op_rows": ops}
+    write_json(args.json, rows, runs=summaries, pairs=pairs, **extra)
     return 0
 
 

@@ -60,3 +60,25 @@ def test_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
     assert decided.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not a finished search's run directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_op_rows_read_the_runs_start_its_accuracies_and_the_ops_probability(tmp_path, capsys):
+    pairs = [("max_pool_3x3", 0), ("skip_connect", 1)] * 4
+    g = Genotype(pairs, [2, 3, 4, 5], [("max_pool_3x3", 0), ("max_pool_3x3", 1)] * 4, [2, 3, 4, 5])
+    probs = {t: np.full((num_edges(4), 8), 1 / 8) for t in CELL_TYPES}
+    probs["reduce"][:, PRIMITIVES.index("max_pool_3x3")] += 0.35   # the row sums do not matter here
+    run = fake_run(tmp_path / "r", g, probs)
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"logit_prior": "reduce:max_pool_3x3=4", "arch_lr": 0.05,
+                                                            "arch_start_epochs": 8.0, "shuffle_labels": False}))
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lines[0].update(train_acc=0.55, val_acc=0.70)
+    lines[1].update(train_acc=0.80, val_acc=0.60)
+    (tmp_path / "r" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "d.json"
+    assert decided.main([run, "--op", "max_pool_3x3", "--json", str(out)]) == 0
+    [row] = json.loads(out.read_text())["op_rows"]
+    assert row["logit_prior"] == "reduce:max_pool_3x3=4" and row["arch_start"] == 8.0 and row["shuffled"] is False
+    assert row["epochs"] == 2 and row["train_acc"] == 0.80 and row["val_best"] == 0.70 and row["val_last"] == 0.60
+    assert row["p_normal"] == pytest.approx(0.125) and row["p_reduce"] == pytest.approx(0.475)
+    assert row["derived_normal"] == 4 and row["derived_reduce"] == 8
+    assert "max_pool_3x3: mean probability" in capsys.readouterr().out
