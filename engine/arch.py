@@ -294,9 +294,10 @@ class Architecture(nn.Module):
             p.copy_(torch.where(bad, self._prior_row(t, p), p))
             self.state.counts[1] += bad.sum()
 
-    def _offsets(self, cell_type: str) -> torch.Tensor:
-        """(1, K): the cell type's `prior`, added to every edge's initial logits."""
-        row = torch.zeros(1, len(PRIMITIVES))
+    def _offsets(self, cell_type: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, K), on `like`'s device (no copy from the host): the cell type's `prior`, added to every edge's
+        initial logits."""
+        row = torch.zeros(1, len(PRIMITIVES)) if like is None else torch.zeros_like(like[:1])
         for k, v in self.prior.get(cell_type, {}).items():
             row[0, k] = v
         return row
@@ -304,7 +305,7 @@ class Architecture(nn.Module):
     def _prior_row(self, cell_type: str, like: torch.Tensor) -> torch.Tensor:
         """(1, K): what the cell type's logits start from before the noise: `none` and `skip_connect` at their
         init values, the other ops at 0, plus the cell type's `prior`."""
-        row = self._offsets(cell_type).to(like)
+        row = self._offsets(cell_type, like)
         row[0, NONE] += self.none_init
         row[0, SKIP] += self.skip_init
         return row
