@@ -41,15 +41,15 @@ CONVS = [i for i, op in enumerate(PRIMITIVES) if op != "none" and op not in PARA
 SKIP = PRIMITIVES.index("skip_connect")
 
 
-def read_run(run: str) -> tuple[Genotype, dict[str, np.ndarray]]:
-    """The run's derived genotype and its last recorded op probabilities (cell type -> edges x ops), read by
-    engine/report.py's `read_run`."""
+def read_run(run: str) -> tuple[Genotype, dict[str, np.ndarray], dict]:
+    """The run's derived genotype, its last recorded op probabilities (cell type -> edges x ops) and the whole
+    record engine/report.py's `read_run` read them from (config, epochs)."""
     try:
         record = report.read_run(run)
         probs = next((r["probs"] for r in reversed(record["epochs"]) if r.get("probs")), None)
         if record["genotype"] is None or probs is None:
             raise ValueError("no genotype.json" if record["genotype"] is None else "no record holds op probabilities")
-        return record["genotype"], {t: np.array(probs[t], dtype=float) for t in CELL_TYPES}
+        return record["genotype"], {t: np.array(probs[t], dtype=float) for t in CELL_TYPES}, record
     except (ValueError, KeyError, TypeError, AsoseError) as e:
         raise AsoseError(f"{run}: not a finished search's run directory ({e.__class__.__name__}: {e}); pass one "
                          f"that `aso-se search` wrote (genotype.json and metrics.jsonl)") from None
@@ -70,10 +70,10 @@ def run_summary(genotype: Genotype, probs: dict[str, np.ndarray]) -> dict[str, d
     return out
 
 
-def op_summary(run: str, genotype: Genotype, probs: dict[str, np.ndarray], op: str) -> dict:
-    """One run's row of `--op`: the op's mean probability and derived edges per cell type, the search epochs'
-    accuracies and the config fields that start or steer the search."""
-    record = report.read_run(run)
+def op_summary(run: str, genotype: Genotype, probs: dict[str, np.ndarray], record: dict, op: str) -> dict:
+    """One run's row of `--op` (read_run's genotype, probabilities and record): the op's mean probability and
+    derived edges per cell type, the search epochs' accuracies and the config fields that start or steer the
+    search."""
     cfg, epochs = record["config"], [r for r in record["epochs"] if r.get("probs")]
     k = PRIMITIVES.index(op)
     val = [r["val_acc"] for r in epochs if r.get("val_acc") is not None]
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except AsoseError as e:
         print(f"decided: error: {e}", file=sys.stderr)
         return e.exit_code
-    summaries = {run: run_summary(*runs[run]) for run in args.runs}
+    summaries = {run: run_summary(*runs[run][:2]) for run in args.runs}
     rows = []
     for run, s in summaries.items():
         for t in CELL_TYPES:

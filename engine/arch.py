@@ -125,8 +125,7 @@ class Architecture(nn.Module):
         self.max_param_free_reduce = max_param_free_reduce  # ... and in the derived reduction cell
         self.skip_threshold, self.dominant_threshold, self.keep_threshold = skip_threshold, dominant_threshold, keep_threshold
         g = torch.Generator().manual_seed(seed)
-        self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(g) + self._offsets(t))
-                                        for t in CELL_TYPES})
+        self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(t, g)) for t in CELL_TYPES})
         self.tau = 1.0
         self.skip_bias = 0.0
         self.state = ArchState()
@@ -141,14 +140,12 @@ class Architecture(nn.Module):
         self._drawn.clear()
         return out
 
-    def _init_logits(self, generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
-        """N(0, init_std) with `none` pushed down and `skip_connect` up, so `none` cannot dominate the start (the
-        cell type's `prior` is added by the caller: _offsets)."""
-        rows = self.edges if rows is None else rows
-        x = torch.randn(rows, len(PRIMITIVES), generator=generator) * self.init_std
-        x[:, NONE] = self.none_init
-        x[:, SKIP] = self.skip_init
-        return x
+    def _init_logits(self, cell_type: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        """N(0, init_std) on the cell type's prior row, with `none` pushed down and `skip_connect` up free of
+        noise, so `none` cannot dominate the start."""
+        x = torch.randn(self.edges, len(PRIMITIVES), generator=generator) * self.init_std
+        x[:, [NONE, SKIP]] = 0.0
+        return x + self._prior_row(cell_type, x)
 
     # ------------------------------------------------------------------------------------------ weights
     def sample(self, phase: str, *, grad: bool = False, generator: torch.Generator | None = None) -> dict[str, CellWeights]:
@@ -294,20 +291,14 @@ class Architecture(nn.Module):
             p.copy_(torch.where(bad, self._prior_row(t, p), p))
             self.state.counts[1] += bad.sum()
 
-    def _offsets(self, cell_type: str, like: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, K), on `like`'s device (no copy from the host): the cell type's `prior`, added to every edge's
-        initial logits."""
-        row = torch.zeros(1, len(PRIMITIVES)) if like is None else torch.zeros_like(like[:1])
-        for k, v in self.prior.get(cell_type, {}).items():
-            row[0, k] = v
-        return row
-
     def _prior_row(self, cell_type: str, like: torch.Tensor) -> torch.Tensor:
-        """(1, K): what the cell type's logits start from before the noise: `none` and `skip_connect` at their
-        init values, the other ops at 0, plus the cell type's `prior`."""
-        row = self._offsets(cell_type, like)
-        row[0, NONE] += self.none_init
-        row[0, SKIP] += self.skip_init
+        """(1, K) on `like`'s device (no copy from the host): what the cell type's logits start from before the
+        noise, and a repaired row from: `none` and `skip_connect` at their init values, the other ops at 0, plus
+        the cell type's `prior`."""
+        row = torch.zeros_like(like[:1])
+        row[0, NONE], row[0, SKIP] = self.none_init, self.skip_init
+        for k, v in self.prior.get(cell_type, {}).items():
+            row[0, k] += v
         return row
 
     def probabilities(self, cell_type: str) -> torch.Tensor:
@@ -337,14 +328,13 @@ class Architecture(nn.Module):
                                            self.max_skip_reduce, self.max_param_free, self.max_param_free_reduce)
 
 
-# --------------------------------------------------------------------------------------- temperature
 def parse_logit_prior(text: str) -> dict[str, dict[int, float]]:
     """`logit_prior` as the config spells it, "reduce:max_pool_3x3=2,sep_conv_5x5=-1" (a cell type, normal, reduce
     or both, then op=value pairs; "normal:...;reduce:..." for both types; no cell type: both), as the
     Architecture takes it: cell type -> {op index: value added to that op's initial logit on every edge}."""
     out: dict[str, dict[int, float]] = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
-        cells, sep, pairs = part.rpartition(":")
+        cells, _, pairs = part.rpartition(":")
         types = CELL_TYPES if cells.strip() in ("", "both") else (cells.strip(),)
         if types[0] not in CELL_TYPES:
             raise ConfigError(f"logit_prior {part!r}: unknown cell type {cells.strip()!r}; choose normal, reduce "
@@ -365,6 +355,7 @@ def parse_logit_prior(text: str) -> dict[str, dict[int, float]]:
     return out
 
 
+# --------------------------------------------------------------------------------------- temperature
 def temperature(step: int, total: int, tau_start: float, tau_end: float, kind: str = "exp") -> float:
     """Annealing from tau_start to tau_end over `total` units (architecture steps for "exp", epochs for
     "linear"); clamped at both ends."""
