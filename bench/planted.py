@@ -52,7 +52,8 @@ QUICK = dict(task="planted-lag", random=3, search_seeds="0", shuffled_seeds="", 
 OPS = [op for op in PRIMITIVES if op != "none"]
 # The cell types whose derived edges a task's protocol scores: those where the family alone solves the task
 # (--cells; docs/planted-tasks.md). On planted-lag convolutions in either cell type do, so both are pooled.
-SCORED = {"planted-lag": ("normal", "reduce"), "planted-polarity": ("reduce",)}
+SCORED = {"planted-lag": ("normal", "reduce"), "planted-lag-checker": ("normal", "reduce"),
+          "planted-polarity": ("reduce",)}
 
 
 def scored_share(genotype: Genotype, family, cells) -> float:

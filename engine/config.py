@@ -16,7 +16,7 @@ from .errors import ConfigError
 class Config:
     # ---- data
     dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | imagefolder | synthetic | planted-lag |
-                                          # planted-polarity
+                                          # planted-lag-checker | planted-polarity
     data_dir: str | None = None           # default: /usr/share/datasets/fashion-mnist for fashion-mnist
     image_size: int = 32                  # imagefolder: the side images are resized (shorter side) and
                                           # centre-cropped to

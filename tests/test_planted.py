@@ -12,7 +12,7 @@ from engine.ops import PRIMITIVES
 from engine.build import load_data
 from engine.config import preset
 from engine.data import load_dataset
-from engine.data.planted import PLANTED, make_planted
+from engine.data.planted import PLANTED, checkerboard, make_planted
 
 from .conftest import load_bench
 
@@ -22,13 +22,15 @@ def planted():
     return load_bench("planted")
 
 
-def _corr(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Per image, the correlation of each pixel with the one (dy, dx) away."""
+def _corr(images: np.ndarray, dy: int, dx: int, checker: bool = False) -> np.ndarray:
+    """Per image, the correlation of each pixel with the one (dy, dx) away; with `checker`, each product signed by
+    the first pixel's square of a checkerboard (planted-lag-checker's alternation undone)."""
     x = images[..., 0].astype(np.float64)
     x = x - x.mean(axis=(1, 2), keepdims=True)
     h, w = x.shape[1:]
     a, b = x[:, :h - dy, :w - dx], x[:, dy:, dx:]
-    return (a * b).mean(axis=(1, 2)) / (x * x).mean(axis=(1, 2))
+    sign = checkerboard(max(h, w))[:h - dy, :w - dx] if checker else 1.0
+    return (a * b * sign).mean(axis=(1, 2)) / (x * x).mean(axis=(1, 2))
 
 
 @pytest.mark.parametrize("name", sorted(PLANTED))
@@ -52,6 +54,21 @@ def test_lag_lives_at_six_pixels_and_nowhere_a_3x3_window_reaches():
     for dy, dx in ((0, 1), (1, 0), (1, 1), (0, 2), (2, 0)):  # what a 3x3 window (and two of them) sees
         c = _corr(images, dy, dx)
         assert abs(c[labels == 0].mean() - c[labels == 1].mean()) < 0.02, (dy, dx)
+
+
+def test_checker_lag_alternates_in_sign_so_no_plain_correlation_differs_between_the_classes():
+    images, labels = make_planted("planted-lag-checker", 512, 16)[:2]
+    # the oracle: the lag-6 correlation with the checkerboard undone, along a column against along a row
+    assert np.array_equal((_corr(images, 6, 0, True) > _corr(images, 0, 6, True)).astype(int), labels)
+    for dy, dx in ((0, 6), (6, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 0)):
+        for checker in (False, True):
+            if checker and 6 in (dy, dx):
+                continue  # the oracle's own lag
+            c = _corr(images, dy, dx, checker)
+            assert abs(c[labels == 0].mean() - c[labels == 1].mean()) < 0.02, (dy, dx, checker)
+    # planted-lag without the alternation is what the oracle reads on it, not on this task
+    plain = make_planted("planted-lag", 512, 16)[0]
+    assert abs(_corr(plain, 0, 6, True).mean()) < 0.02 < _corr(plain, 0, 6).mean()
 
 
 def test_polarity_is_two_dots_far_apart_whose_colours_differ_in_class_one():

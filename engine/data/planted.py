@@ -9,6 +9,12 @@ and the others cannot:
     planted-lag       noise plus the same noise shifted 6 px along a row (class 0) or a column (class 1). The
                       only structure is a correlation at lag 6: a linear filter spanning the lag sees it (the
                       family: convolutions); pooling rectified features blurs it away.
+    planted-lag-checker  planted-lag with the copy's sign alternating like a checkerboard, (-1)^(y+x): the lag-6
+                      correlation is +1 on one parity of pixels and -1 on the other. planted-lag leaks: a filter's
+                      rectified energy, pooled, differs a little between the classes, and avg pooling learned it to
+                      71% on one training seed. Here every average over the image cancels; a convolution can
+                      undo the alternation (a filter spanning the lag, then one alternating in sign, or a stride-2
+                      read of one parity), a pool cannot.
     planted-polarity  two dots 9 to 12 px apart (along a row, a column or a diagonal), each bright or dark;
                       class 1 when their polarities differ. A global count of bright and dark dots cannot
                       tell (2 bright or 2 dark against 1 of each is an XOR of the counts); max pooling grows
@@ -30,16 +36,28 @@ PLANTED_SEED = 20261205     # the tasks' own seed: fixed, so that every run sees
 CONVOLUTIONS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 
 
-def lag(rng: np.random.Generator, n: int, size: int, shift: int = 6) -> tuple[np.ndarray, np.ndarray]:
+def lag(rng: np.random.Generator, n: int, size: int, shift: int = 6, checker: bool = False
+        ) -> tuple[np.ndarray, np.ndarray]:
     """(n, size, size) float images around 128 and their labels: noise plus itself shifted `shift` px along a
-    row (0) or a column (1)."""
+    row (0) or a column (1); with `checker`, the shifted copy times (-1)^(y+x)."""
     labels = rng.integers(0, 2, n)
     noise = rng.normal(0.0, 1.0, (n, size + shift, size + shift))
+    sign = checkerboard(size) if checker else 1.0
     images = np.empty((n, size, size))
     for i in range(n):
         dy, dx = (0, shift) if labels[i] == 0 else (shift, 0)
-        images[i] = noise[i, :size, :size] + noise[i, dy:dy + size, dx:dx + size]
+        images[i] = noise[i, :size, :size] + sign * noise[i, dy:dy + size, dx:dx + size]
     return 128.0 + 30.0 * images, labels
+
+
+def checker_lag(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    return lag(rng, n, size, checker=True)
+
+
+def checkerboard(size: int) -> np.ndarray:
+    """(size, size): +1 where y + x is even, -1 where it is odd."""
+    yy, xx = np.mgrid[:size, :size]
+    return np.where((yy + xx) % 2 == 0, 1.0, -1.0)
 
 
 def polarity(rng: np.random.Generator, n: int, size: int, near: int = 9, far: int = 12) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +78,8 @@ def polarity(rng: np.random.Generator, n: int, size: int, near: int = 9, far: in
 
 # name -> (generator, the planted op family, the image size the family was measured at, the task's own seed: a
 # new task gets a new one, so that adding a task never changes another one's images)
-PLANTED = {"planted-lag": (lag, CONVOLUTIONS, 16, 0), "planted-polarity": (polarity, ("max_pool_3x3",), 20, 1)}
+PLANTED = {"planted-lag": (lag, CONVOLUTIONS, 16, 0), "planted-polarity": (polarity, ("max_pool_3x3",), 20, 1),
+           "planted-lag-checker": (checker_lag, CONVOLUTIONS, 16, 2)}
 
 
 def make_planted(name: str, n_train: int, n_test: int, size: int | None = None):
