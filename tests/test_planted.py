@@ -24,7 +24,7 @@ def planted():
 
 def _corr(images: np.ndarray, dy: int, dx: int, checker: bool = False) -> np.ndarray:
     """Per image, the correlation of each pixel with the one (dy, dx) away; with `checker`, each product signed by
-    the first pixel's square of a checkerboard (planted-lag-checker's alternation undone)."""
+    the checkerboard at the first pixel (planted-lag-checker's alternation undone)."""
     x = images[..., 0].astype(np.float64)
     x = x - x.mean(axis=(1, 2), keepdims=True)
     h, w = x.shape[1:]
@@ -66,7 +66,7 @@ def test_checker_lag_alternates_in_sign_so_no_plain_correlation_differs_between_
                 continue  # the oracle's own lag
             c = _corr(images, dy, dx, checker)
             assert abs(c[labels == 0].mean() - c[labels == 1].mean()) < 0.02, (dy, dx, checker)
-    # planted-lag without the alternation is what the oracle reads on it, not on this task
+    # on planted-lag (no alternation) the plain lag-6 correlation is there and the undone one is not
     plain = make_planted("planted-lag", 512, 16)[0]
     assert abs(_corr(plain, 0, 6, True).mean()) < 0.02 < _corr(plain, 0, 6).mean()
 

@@ -51,6 +51,7 @@ def lag(rng: np.random.Generator, n: int, size: int, shift: int = 6, checker: bo
 
 
 def checker_lag(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """planted-lag-checker: `lag` with the shifted copy's sign alternating like a checkerboard."""
     return lag(rng, n, size, checker=True)
 
 
