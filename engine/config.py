@@ -16,7 +16,7 @@ from .errors import ConfigError
 class Config:
     # ---- data
     dataset: str = "fashion-mnist"        # fashion-mnist | cifar10 | imagefolder | synthetic | planted-lag |
-                                          # planted-lag-checker | planted-polarity
+                                          # planted-lag-checker | planted-polarity | planted-polarity-near
     data_dir: str | None = None           # default: /usr/share/datasets/fashion-mnist for fashion-mnist
     image_size: int = 32                  # imagefolder: the side images are resized (shorter side) and
                                           # centre-cropped to
@@ -300,7 +300,8 @@ PRESETS: dict[str, dict] = {
     "cifar10": dict(dataset="cifar10", channels=16, layers=8, batch_size=64, warmup_epochs=15, search_epochs=25,
                     growth_epochs=30, optimize_epochs=15, optimize_batch_size=96, optimize_lr=0.025,
                     drop_path=0.2, max_channels=36, max_cells=14),
-    # Planted tasks (engine/data/planted.py; --set dataset=planted-lag-checker|planted-polarity for the others):
+    # Planted tasks (engine/data/planted.py; --set dataset=planted-lag-checker|planted-polarity|
+    # planted-polarity-near for the others):
     # two classes that only one op family tells apart, 4096 training images (16x16 and 20x20), a 3-cell supernet
     # of C=8, no derivation caps (a capped family share would be the cap's). Each training of a genotype (the
     # optimize phase alone, 2 epochs) takes 5-20 s on the 2-core CPU; docs/planted-tasks.md.

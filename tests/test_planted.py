@@ -71,14 +71,18 @@ def test_checker_lag_alternates_in_sign_so_no_plain_correlation_differs_between_
     assert abs(_corr(plain, 0, 6, True).mean()) < 0.02 < _corr(plain, 0, 6).mean()
 
 
-def test_polarity_is_two_dots_far_apart_whose_colours_differ_in_class_one():
-    images, labels = make_planted("planted-polarity", 512, 16)[:2]
+@pytest.mark.parametrize("name, near, far", [("planted-polarity", 9, 12), ("planted-polarity-near", 4, 6)])
+def test_polarity_is_two_dots_apart_whose_colours_differ_in_class_one(name, near, far):
+    images, labels = make_planted(name, 512, 16)[:2]
+    distances = set()
     for img, label in zip(images[..., 0], labels):
         dots = np.argwhere((img == 0) | (img == 255))
         assert len(dots) == 2
         (y0, x0), (y1, x1) = dots
-        assert 9 <= max(abs(y1 - y0), abs(x1 - x0)) <= 12
+        distances.add(max(abs(y1 - y0), abs(x1 - x0)))
+        assert y0 == y1 or x0 == x1 or abs(y1 - y0) == abs(x1 - x0)  # along a row, a column or a diagonal
         assert int(img[y0, x0] != img[y1, x1]) == label
+    assert distances == set(range(near, far + 1))
     # a global count cannot tell: class 0 holds two bright or two dark dots, class 1 one of each
     bright = (images == 255).sum(axis=(1, 2, 3))
     assert set(bright[labels == 1]) == {1} and set(bright[labels == 0]) == {0, 2}

@@ -21,6 +21,12 @@ and the others cannot:
                       each dot into a box until the two meet, and a 1x1 conv then reads "a bright box meets a
                       dark one" (the family: max_pool_3x3). Convolutions would have to learn the XOR across
                       12 px from scratch.
+    planted-polarity-near  planted-polarity with the dots 4 to 6 px apart. The stem's 3x3 window still cannot
+                      hold both dots, and the convolutions stay near chance (they would have to learn the XOR at
+                      the pair's exact offsets); one or two max pools at full resolution make the two boxes meet.
+                      Far dots need max pools on nearly every reduction edge at once, which sampled architectures
+                      almost never are, so a supernet stays at chance on planted-polarity; here a few max pools
+                      anywhere in the normal cell start to help, and the search has a gradient to follow.
 
 The designs that failed (a pair of dots side by side or one above the other, a faint line in noise, a bright
 and a dark dot in mirror order, the lag at 4 px or with a weaker correlation) are in docs/planted-tasks.md with
@@ -77,10 +83,16 @@ def polarity(rng: np.random.Generator, n: int, size: int, near: int = 9, far: in
     return images, labels
 
 
+def near_polarity(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """planted-polarity-near: `polarity` with the dots 4 to 6 px apart."""
+    return polarity(rng, n, size, near=4, far=6)
+
+
 # name -> (generator, the planted op family, the image size the family was measured at, the task's own seed: a
 # new task gets a new one, so that adding a task never changes another one's images)
 PLANTED = {"planted-lag": (lag, CONVOLUTIONS, 16, 0), "planted-polarity": (polarity, ("max_pool_3x3",), 20, 1),
-           "planted-lag-checker": (checker_lag, CONVOLUTIONS, 16, 2)}
+           "planted-lag-checker": (checker_lag, CONVOLUTIONS, 16, 2),
+           "planted-polarity-near": (near_polarity, ("max_pool_3x3",), 20, 3)}
 
 
 def make_planted(name: str, n_train: int, n_test: int, size: int | None = None):
