@@ -13,7 +13,7 @@ A planted task is one whose answer is known: only one op family tells its two cl
 - `--cells`, where in the network the family is needed: each family op in one cell type and skip_connect in
   the other. The protocol scores the cell types that alone solve the task (SCORED): on planted-polarity max
   pools in the reduction cells do (98-99%) and in the normal cell do not (52%), so there a normal-cell share
-  would count edges that cannot matter.
+  would count edges that cannot matter. A new task's entry is set from its --cells table before any search.
 - the search, on the real labels (--search-seeds) and on shuffled ones (--shuffled-seeds, the RLNAS control):
   per search, the share of the scored cells' edges (SCORED; both cell types' shares are kept) whose derived
   op is in the planted family, against the shares of --random genotypes from the space (`Genotype.random`,
