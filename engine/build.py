@@ -11,6 +11,7 @@ so data, architecture, Gumbel generator and supernet are built in this order, al
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -173,6 +174,7 @@ class Run:
     supernet: Model = None
     final: Model | None = None
     cost: CostTerm | None = None          # the architecture step's cost term (config cost), None when off
+    curriculum_loaders: dict | None = None  # train, arch, val of `curriculum` (its first epochs), None when off
     _probe: torch.Tensor | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------------------------------ models
@@ -216,6 +218,13 @@ class Run:
                                                num_shards=self.world.size)
         return self.final
 
+    def supernet_loaders(self, global_epoch: int) -> dict:
+        """The loaders the supernet's epoch `global_epoch` (0-based, over all phases) trains, searches and
+        evaluates on: the curriculum's for its first `curriculum_epochs`, the data set's after."""
+        if self.curriculum_loaders is not None and global_epoch < self.cfg.curriculum_epochs:
+            return self.curriculum_loaders
+        return self.loaders
+
     def probe_batch(self) -> torch.Tensor:
         """A fixed batch (the first of the val evaluation split, else of test) on which growth checks that
         an event preserves the network's function."""
@@ -255,6 +264,23 @@ def build_cost_term(cfg: Config, dataset: Dataset) -> CostTerm | None:
     return CostTerm(table, cfg.cost, cfg.cost_target, cfg.cost_weight)
 
 
+def curriculum_loaders(cfg: Config, dataset: Dataset, device: torch.device, world: distributed.World) -> dict:
+    """The train, arch and val loaders of `cfg.curriculum`, split and labelled (`shuffle_labels` included) as the
+    run's data set is. Its images must have the data set's shape and classes, and its training set the same size,
+    so that an epoch has the same steps on either and the schedules hold across the switch."""
+    cur = load_data(dataclasses.replace(cfg, dataset=cfg.curriculum, data_dir=None), device)
+    mismatch = [f"{what} {a} against {b}" for what, a, b in (
+        ("image shape", cur.image_shape, dataset.image_shape), ("classes", cur.num_classes, dataset.num_classes),
+        ("training images", len(cur.train_labels), len(dataset.train_labels))) if a != b]
+    if mismatch:
+        raise ConfigError(f"curriculum={cfg.curriculum} does not fit dataset={cfg.dataset}: "
+                          f"{'; '.join(mismatch)}; a curriculum must be the same task's images, an easier version")
+    splits = make_splits(cur, cfg.val_fraction, cfg.seed)
+    loaders = make_loaders(cfg, splits, train_augment(cur, cfg.flip, cfg.crop_pad), device, world)
+    loaders.pop("test")  # the test set is the data set's alone
+    return loaders
+
+
 def build_run(cfg: Config) -> Run:
     """Under torchrun (WORLD_SIZE > 1) this joins the process group first: one rank per device."""
     world = distributed.env_world()
@@ -269,10 +295,12 @@ def build_run(cfg: Config) -> Run:
     augment = train_augment(dataset, cfg.flip, cfg.crop_pad)
     loaders = make_loaders(cfg, splits, augment, device, world)
     arch = build_architecture(cfg, device)
+    curriculum = curriculum_loaders(cfg, dataset, device, world) if cfg.curriculum else None
     arch_opt = torch.optim.Adam(arch.parameters(), lr=cfg.arch_lr, betas=(0.5, 0.999),
                                 weight_decay=cfg.arch_weight_decay)
     gumbel = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run = Run(cfg, device, cfg.channels_last if cfg.channels_last is not None else device.type == "cpu",
-              dataset, splits, augment, loaders, arch, arch_opt, gumbel, world, cost=build_cost_term(cfg, dataset))
+              dataset, splits, augment, loaders, arch, arch_opt, gumbel, world, cost=build_cost_term(cfg, dataset),
+              curriculum_loaders=curriculum)
     run.new_supernet(supernet_spec(cfg, dataset))
     return run

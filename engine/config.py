@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
@@ -34,6 +35,9 @@ class Config:
     train_subset: int = 0                 # >0: use only this many samples of the official training set
     shuffle_labels: bool = False          # the official training labels permuted (seeded): the control a search
                                           # claim is held against (RLNAS); the test labels stay as they are
+    curriculum: str = ""                  # a data set (one of `dataset`'s choices, read from its default place)
+    curriculum_epochs: int = 0            # that the run's first this many epochs (warmup included) train and
+                                          # search on instead of `dataset`: an easier version of the task first
     eval_samples: int = 0                 # >0: per-epoch val accuracy on a fixed subset of this size
     synthetic_size: int = 16              # synthetic data set only: image size, channels, samples (the planted
                                           # tasks take the sample counts; their image size is their own)
@@ -183,6 +187,16 @@ class Config:
         from .data import DATASETS, LOADERS
         need(self.dataset in DATASETS, "dataset", f"choose one of {', '.join(DATASETS)}")
         need(self.loader in LOADERS, "loader", f"choose one of {', '.join(LOADERS)}")
+        need(self.curriculum == "" or self.curriculum in DATASETS, "curriculum",
+             f"choose one of {', '.join(DATASETS)}, or leave it empty")
+        need(isinstance(self.curriculum_epochs, int) and self.curriculum_epochs >= 0, "curriculum_epochs",
+             "a whole number of epochs, 0 or more")
+        need(bool(self.curriculum) == (self.curriculum_epochs > 0), "curriculum_epochs",
+             "set both curriculum and curriculum_epochs (> 0), or neither")
+        supernet_epochs = sum(math.ceil(getattr(self, f"{p}_epochs")) for p in ("warmup", "search", "growth"))
+        need(self.curriculum_epochs == 0 or self.curriculum_epochs < supernet_epochs, "curriculum_epochs",
+             f"must be under the supernet's {supernet_epochs} epochs (warmup + search + growth), or the search "
+             f"never sees dataset={self.dataset}")
         need(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         for name in ("batch_size", "eval_batch_size", "optimize_batch_size", "channels", "layers", "nodes",
                      "stem_multiplier", "arch_every", "synthetic_size", "synthetic_channels",

@@ -52,6 +52,7 @@ class Phase:
     searching: bool
     evaluate: bool
     eval_as: str | None
+    loaders: dict          # where `loader` comes from, with the arch and val loaders the epoch uses
 
 
 class PhaseLoop:
@@ -72,13 +73,15 @@ class PhaseLoop:
 
     def phase(self, name: str) -> Phase:
         run, cfg, budget = self.run, self.cfg, self.budget
-        if name in SUPERNET_PHASES:
-            return Phase(name, run.supernet, run.loaders["train"], cfg.lr, budget.supernet_steps(), True,
-                         name in SEARCHING_PHASES, "val" in run.loaders, "warmup" if name == "warmup" else "argmax")
+        if name in SUPERNET_PHASES:  # the curriculum's data in the run's first epochs, the data set's after
+            loaders = run.supernet_loaders(self.p.global_epoch)
+            return Phase(name, run.supernet, loaders["train"], cfg.lr, budget.supernet_steps(), True,
+                         name in SEARCHING_PHASES, "val" in loaders, "warmup" if name == "warmup" else "argmax",
+                         loaders)
         # the search evaluates the most likely architecture, not the genotype: its skip cap forces ops into the
         # cell that the search has barely trained yet (measured 14% vs 64%)
         return Phase(name, run.final, run.loaders["optimize"], cfg.optimize_lr, budget.phase_steps("optimize"),
-                     False, False, cfg.optimize_data == "train" and "val" in run.loaders, None)
+                     False, False, cfg.optimize_data == "train" and "val" in run.loaders, None, run.loaders)
 
     # ------------------------------------------------------------------------------------------ phases
     def __call__(self) -> dict | None:
@@ -97,6 +100,8 @@ class PhaseLoop:
                         return None
                     if name == "growth" and p.step == 0:
                         self.maybe_grow()  # at the start of a growth epoch: the grown network then trains
+                    if p.step == 0:
+                        self.announce_data()
                     with nvtx_range(f"epoch {p.epoch}"):
                         record = self.epoch(self.phase(name), t_start)
                     p.epoch += 1
@@ -117,6 +122,14 @@ class PhaseLoop:
             p.phase_index += 1
             p.epoch = 0
         return self.finish(time.perf_counter() - t_start)
+
+    def announce_data(self) -> None:
+        """With a curriculum, a line where the run's data changes: at its first epoch and at the switch."""
+        cfg, epoch = self.cfg, self.p.global_epoch
+        if cfg.curriculum and epoch == 0:
+            self.log(f"   data: {cfg.curriculum} (the curriculum) for the first {cfg.curriculum_epochs} epoch(s)")
+        elif cfg.curriculum and epoch == cfg.curriculum_epochs:
+            self.log(f"   data: {cfg.dataset} from here on (the curriculum is over)")
 
     def enter(self, name: str) -> None:
         run, cfg = self.run, self.cfg
@@ -149,7 +162,7 @@ class PhaseLoop:
             ph.model.net.set_drop_path(cfg.drop_path * p.epoch / max(1, budget.epochs("optimize")))
         # the weight step this epoch began at (p.step of its steps are done when resuming mid-epoch)
         first_step = p.global_step - p.step if ph.supernet else budget.steps_before("optimize", p.epoch)
-        arch_stream = Cycle(run.loaders["arch"], *p.arch_stream) if ph.searching else None
+        arch_stream = Cycle(ph.loaders["arch"], *p.arch_stream) if ph.searching else None
         if ph.searching and cfg.tau_schedule == "linear":
             arch.tau = temperature_at(cfg, budget, ph.name, p.epoch, p.arch_steps)
         step_phase = ph.name if ph.supernet else None
@@ -211,8 +224,8 @@ class PhaseLoop:
         if ph.evaluate:  # the val split: the search's own data, never the test set
             with nvtx_range("eval"):
                 if ph.supernet:
-                    steps.recalibrate_bn(run.loaders["train"], cfg.bn_recalibrate, ph.eval_as)
-                val = steps.evaluate(run.loaders["val"], ph.eval_as)
+                    steps.recalibrate_bn(ph.loaders["train"], cfg.bn_recalibrate, ph.eval_as)
+                val = steps.evaluate(ph.loaders["val"], ph.eval_as)
         net = ph.model.net
         genotype = arch.genotype() if ph.supernet else net.genotype  # optimize: the network being trained
         record = epoch_record(phase=ph.name, epoch=p.epoch + 1, epochs=budget.epochs(ph.name), progress=p,
@@ -221,6 +234,8 @@ class PhaseLoop:
                               searching=ph.searching, compile_totals=self.compile_totals())
         if ph.evaluate:
             record["eval_s"] = round(time.perf_counter() - t_eval, 2)
+        if cfg.curriculum:  # which data the epoch trained (and searched, and was evaluated) on
+            record["data"] = cfg.curriculum if ph.loaders is run.curriculum_loaders else cfg.dataset
         if ph.supernet and run.cost is not None:
             record["cost"] = run.cost.record(arch.logits, genotype)
         if ph.supernet and self.world.main:

@@ -1,0 +1,92 @@
+"""A curriculum (config `curriculum`, `curriculum_epochs`): the run's first epochs train, search and evaluate on
+an easier data set, the rest and the optimize phase on the run's own; a stop at the switch resumes to the same
+run; a control's shuffled labels reach the curriculum too; a curriculum that does not fit is a one-line error."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from engine.build import build_run, load_data
+from engine.config import preset
+from engine.data import make_splits
+from engine.errors import ConfigError
+from engine.trainer import Trainer
+
+from .conftest import untimed
+
+TINY = ["dataset=planted-polarity", "curriculum=planted-polarity-near", "curriculum_epochs=2",
+        "synthetic_train=256", "synthetic_test=64", "warmup_epochs=1", "search_epochs=2", "optimize_epochs=1"]
+
+
+def _quiet(*_):
+    pass
+
+
+def _metrics(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_the_first_epochs_read_the_curriculum_and_the_rest_the_data_set():
+    cfg = preset("planted").override(TINY)
+    run = build_run(cfg)
+    near = make_splits(load_data(cfg.override(["dataset=planted-polarity-near"])), cfg.val_fraction, cfg.seed)
+    for epoch in (0, 1):
+        loaders = run.supernet_loaders(epoch)
+        assert loaders is run.curriculum_loaders and "test" not in loaders
+        assert np.array_equal(loaders["train"].images, near["train"][0])
+        assert np.array_equal(loaders["arch"].labels, near["val"][1])
+    assert run.supernet_loaders(2) is run.loaders
+    assert np.array_equal(run.loaders["train"].images, run.splits["train"][0])
+    assert not np.array_equal(run.loaders["train"].images, near["train"][0])
+
+
+def test_a_run_switches_data_after_the_curriculum_and_resumes_across_the_switch(tmp_path):
+    cfg = preset("planted").override(TINY)
+    said = []
+    full = Trainer(cfg, str(tmp_path / "full"), log=said.append).run()
+    records = [r for r in _metrics(tmp_path / "full") if r["phase"] != "final" and "event" not in r]
+    assert [(r["phase"], r["data"]) for r in records] == [
+        ("warmup", "planted-polarity-near"), ("search", "planted-polarity-near"), ("search", "planted-polarity"),
+        ("optimize", "planted-polarity")]
+    assert sum("(the curriculum) for the first 2 epoch(s)" in line for line in said) == 1
+    assert sum("data: planted-polarity from here on" in line for line in said) == 1
+
+    out = tmp_path / "stopped"
+    assert Trainer(cfg, str(out), log=_quiet, stop_after=2).run() is None  # stopped at the switch
+    resumed = Trainer(cfg, str(out), resume=True, log=_quiet).run()
+    assert untimed(_metrics(out)) == untimed(_metrics(tmp_path / "full"))
+    assert resumed["test_acc"] == full["test_acc"] and resumed["genotype"] == full["genotype"]
+
+
+def test_shuffled_labels_reach_the_curriculum_too():
+    """The control must see no labelled signal at all: were the curriculum's labels left real, a shuffled-label
+    search would still learn the easier task and prefer its ops."""
+    cfg = preset("planted").override(TINY)
+
+    def labels(run):  # the official training set's labels: its train and val splits
+        return np.concatenate([run.curriculum_loaders["train"].labels, run.curriculum_loaders["arch"].labels])
+    real, shuffled = labels(build_run(cfg)), labels(build_run(cfg.override(["shuffle_labels=true"])))
+    assert (real != shuffled).mean() > 0.3
+    assert np.array_equal(np.sort(real), np.sort(shuffled))  # the same labels, given to other images
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["curriculum_epochs=0"], "set both curriculum and curriculum_epochs"),
+    (["curriculum="], "set both curriculum and curriculum_epochs"),
+    (["curriculum=mnist"], "curriculum='mnist': choose one of"),
+    (["curriculum_epochs=3"], "must be under the supernet's 3 epochs"),
+])
+def test_a_curriculum_config_that_cannot_work_is_refused(overrides, says):
+    with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
+        preset("planted").override(TINY + overrides)
+
+
+def test_a_curriculum_of_another_shape_is_refused_before_anything_runs(tmp_path):
+    cfg = preset("planted").override(TINY + ["curriculum=planted-lag"])  # 16x16 images, the task's 20x20
+    with pytest.raises(ConfigError, match=r"curriculum=planted-lag does not fit dataset=planted-polarity: image "
+                                          r"shape \(1, 16, 16\) against \(1, 20, 20\)"):
+        Trainer(cfg, str(tmp_path / "run"), log=_quiet).run()
