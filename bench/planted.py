@@ -30,6 +30,7 @@ so an interrupted protocol continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -38,7 +39,7 @@ import sys
 import numpy as np
 
 from common import print_table, write_json
-from search_quality import search, summarize, train
+from search_quality import search, search_dir, summarize, train
 
 from engine.genotype import CELL_TYPES, NONE, Genotype, edge_index, num_edges
 from engine.ops import PRIMITIVES
@@ -97,6 +98,20 @@ def decided_for(family, probabilities: dict[str, list[list[float]]], p_min: floa
         out[t] = sum(1 for row in rows if PRIMITIVES[max(range(len(row)), key=row.__getitem__)] in family
                      and max(row) >= p_min)
     return out
+
+
+def curriculum_end(cfg, seed: int, work: str, family, cells) -> dict | None:
+    """A search with a curriculum (config `curriculum`), as it stood at the curriculum's last epoch, read from its
+    run's metrics.jsonl: the genotype its probabilities then gave (the run's derivation rule), that genotype's
+    share of `family` in `cells`, and the supernet's val accuracy on the curriculum's data. Beside the final
+    share it says whether the task's own data moved the search, or the easier data had found it all."""
+    if not cfg.curriculum:
+        return None
+    with open(os.path.join(search_dir(cfg, seed, work), "metrics.jsonl")) as f:
+        last = [r for r in map(json.loads, f) if r.get("data") == cfg.curriculum and "probs" in r][-1]
+    g = Genotype.from_probabilities(last["probs"], cfg.nodes, **cfg.derivation_caps())
+    return {"global_epoch": last["global_epoch"], "genotype": str(g), "share": scored_share(g, family, cells),
+            "val_acc": last["val_acc"]}
 
 
 def percentile90(values: list[float]) -> float:
@@ -221,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 g = Genotype.from_json(found["genotype"])
                 rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
                              "decided": decidedness(g, found["probabilities"]),
-                             "decided_family": decided_for(family, found["probabilities"])})
+                             "decided_family": decided_for(family, found["probabilities"]),
+                             "curriculum_end": curriculum_end(cfg_k, s, work, family, SCORED[args.task])})
         for r in rows:
             r["share"] = r["genotype"].share(family)
             if r["kind"] != "shuffled":  # the control's genotypes are judged by their shares alone
@@ -262,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                "shuffled_above_p90": sum(r["above_p90"] for r in shuffled), "shuffled_n": len(shuffled),
                "family_edges_real": [r["family_edges"] for r in real],
                "family_edges_shuffled": [r["family_edges"] for r in shuffled],
+               "curriculum_end_share_real": [(r["curriculum_end"] or {}).get("share") for r in real],
+               "curriculum_end_share_shuffled": [(r["curriculum_end"] or {}).get("share") for r in shuffled],
                "random_acc_mean": acc["random_mean"], "random_acc_sd": acc["random_sd"],
                "searched_acc_mean": mean_real, "searched_sds_above_random": sds}
     verdict["passes"] = bool(real) and n_above == len(real) and sds is not None and sds > 2 \
@@ -280,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
           f"shuffled labels: {verdict['shuffled_above_p90']}/{len(shuffled)}")
     print(f"edges decided for the family (top op in it at p >= 0.5, of {2 * num_edges(cfg.nodes)} per search): "
           f"real {verdict['family_edges_real']}, shuffled {verdict['family_edges_shuffled']}")
+    if searched.curriculum:
+        share = lambda rs: [round(r["curriculum_end"]["share"], 3) for r in rs]  # noqa: E731
+        print(f"at the curriculum's end ({searched.curriculum}, epoch {searched.curriculum_epochs}) the shares were: "
+              f"real {share(real)}, shuffled {share(shuffled)}")
     if sds is not None:
         print(f"accuracy: searched {100 * mean_real:.2f}% against random {100 * acc['random_mean']:.2f} +- "
               f"{100 * acc['random_sd']:.2f}% ({sds:+.2f} random sds)")

@@ -160,7 +160,7 @@ def _log(prefix: str):
 def search(cfg: Config, seed: int, work: str, busy: str = "wait") -> dict:
     """The genotype one search run of `cfg` finds (its warmup, search and growth phases, no optimize), with
     the final architecture probabilities it was derived from (so other derivation rules need no new search)."""
-    c = cfg.override([f"seed={seed}", "optimize_epochs=0"])
+    c = _search_config(cfg, seed)
 
     def run(run_dir: str) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -170,6 +170,15 @@ def search(cfg: Config, seed: int, work: str, busy: str = "wait") -> dict:
                 "threads": torch.get_num_threads(),
                 "probabilities": {t: trainer.arch.probabilities(t).tolist() for t in CELL_TYPES}}
     return _cached(work, f"search-seed{seed}", _key(c.to_json()), run, busy)
+
+
+def _search_config(cfg: Config, seed: int) -> Config:
+    return cfg.override([f"seed={seed}", "optimize_epochs=0"])
+
+
+def search_dir(cfg: Config, seed: int, work: str) -> str:
+    """The run directory (metrics.jsonl, checkpoints) that `search` keeps the search of `cfg` and `seed` in."""
+    return os.path.join(work, f"search-seed{seed}-{_key(_search_config(cfg, seed).to_json())}")
 
 
 def rederive(cfg: Config, found: dict, variant: list[str]) -> Genotype:

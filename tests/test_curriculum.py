@@ -15,7 +15,7 @@ from engine.data import make_splits
 from engine.errors import ConfigError
 from engine.trainer import Trainer
 
-from .conftest import untimed
+from .conftest import load_bench, untimed
 
 TINY = ["dataset=planted-polarity", "curriculum=planted-polarity-near", "curriculum_epochs=2",
         "synthetic_train=256", "synthetic_test=64", "warmup_epochs=1", "search_epochs=2", "optimize_epochs=1"]
@@ -90,3 +90,19 @@ def test_a_curriculum_of_another_shape_is_refused_before_anything_runs(tmp_path)
     with pytest.raises(ConfigError, match=r"curriculum=planted-lag does not fit dataset=planted-polarity: image "
                                           r"shape \(1, 16, 16\) against \(1, 20, 20\)"):
         Trainer(cfg, str(tmp_path / "run"), log=_quiet).run()
+
+
+def test_the_protocol_reads_where_a_search_stood_when_its_curriculum_ended(tmp_path):
+    """bench/planted.py's `curriculum_end`: the share the easier data alone had found, beside the final one. Its
+    genotype, rederived from the probabilities of the curriculum's last record, is the one the run derived then."""
+    planted, search_quality = load_bench("planted"), load_bench("search_quality")
+    cfg = preset("planted").override(TINY)
+    search_quality.search(cfg, 0, str(tmp_path))
+    end = planted.curriculum_end(cfg, 0, str(tmp_path), ("max_pool_3x3",), ("reduce",))
+    with open(os.path.join(search_quality.search_dir(cfg, 0, str(tmp_path)), "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    at_switch = [r for r in records if r.get("global_epoch") == 2 and "probs" in r]
+    assert end["global_epoch"] == 2 and end["genotype"] == at_switch[0]["genotype"]
+    assert end["val_acc"] == at_switch[0]["val_acc"]
+    assert [r["data"] for r in records if "probs" in r] == ["planted-polarity-near"] * 2 + ["planted-polarity"]
+    assert planted.curriculum_end(preset("planted"), 0, str(tmp_path), ("max_pool_3x3",), ("reduce",)) is None
