@@ -23,8 +23,10 @@ import sys
 from .errors import AsoseError, ConfigError
 from .stopping import CHECKPOINT_EVERY_S, Stopped
 
-# what `aso-se train` (and bench/search_quality.py) set on top of a preset: the optimize phase alone, fresh init
-TRAIN_ONLY = ["warmup_epochs=0", "search_epochs=0", "growth_epochs=0", "optimize_init=fresh"]
+# what `aso-se train` (and bench/search_quality.py) set on top of a preset: the optimize phase alone, fresh init,
+# no curriculum (a search's config read back trains the data set itself)
+TRAIN_ONLY = ["warmup_epochs=0", "search_epochs=0", "growth_epochs=0", "optimize_init=fresh", "curriculum=",
+              "curriculum_epochs=0"]
 EPILOG_FIELDS = "config fields (--set key=value): see engine/config.py or `aso-se search --list-fields`"
 
 

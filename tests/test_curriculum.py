@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from engine.build import build_run, load_data
+from engine.cli import main
 from engine.config import preset
 from engine.data import make_splits
 from engine.errors import ConfigError
+from engine.genotype import Genotype
 from engine.trainer import Trainer
 
 from .conftest import load_bench, untimed
@@ -106,3 +108,14 @@ def test_the_protocol_reads_where_a_search_stood_when_its_curriculum_ended(tmp_p
     assert end["val_acc"] == at_switch[0]["val_acc"]
     assert [r["data"] for r in records if "probs" in r] == ["planted-polarity-near"] * 2 + ["planted-polarity"]
     assert planted.curriculum_end(preset("planted"), 0, str(tmp_path), ("max_pool_3x3",), ("reduce",)) is None
+
+
+def test_training_a_genotype_with_a_search_config_drops_the_curriculum(tmp_path):
+    """`aso-se train` has no supernet epochs for a curriculum to take: a search's settings, curriculum included,
+    train the genotype on the data set itself."""
+    (tmp_path / "g.json").write_text(json.dumps(Genotype.random(np.random.default_rng(0)).to_json()))
+    sets = [a for kv in TINY for a in ("--set", kv)]
+    assert main(["train", "--preset", "planted", *sets, "--genotype", str(tmp_path / "g.json"),
+                 "--out", str(tmp_path / "t")]) == 0
+    records = _metrics(tmp_path / "t")
+    assert [r["phase"] for r in records] == ["optimize", "final"] and "data" not in records[0]
