@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
                              "decided": decidedness(g, found["probabilities"]),
                              "decided_family": decided_for(family, found["probabilities"]),
-                             "curriculum_end": curriculum_end(cfg_k, s, work, family, SCORED[args.task])})
+                             "curriculum_end": curriculum_end(cfg_k, s, work, family, SCORED[args.task]),
+                             "run": search_dir(cfg_k, s, work)})  # its checkpoints: bench/ranking.py's input
         for r in rows:
             r["share"] = r["genotype"].share(family)
             if r["kind"] != "shuffled":  # the control's genotypes are judged by their shares alone
