@@ -60,3 +60,11 @@ def test_a_missing_reference_exits_2(tmp_path, capsys):
     (tmp_path / "README.md").write_text("x")
     assert readme_figures.main(["--readme", str(tmp_path / "README.md"), "--final", str(tmp_path / "no.json")]) == 2
     assert "readme_figures: error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wall_s", [565.4, 790.6, 874.5, 59.99])
+def test_the_wall_time_is_written_as_the_runs_own_log_writes_it(wall_s):
+    """The quoted `== test accuracy ... wall 13m10s` line and the tagged figures must agree with the log the run
+    printed: whole seconds, cut (790.6 s is 13m10s there, not 13m11s)."""
+    from engine.records import fmt_time
+    assert readme_figures.formats({**FINAL, "wall_s": wall_s})["wall_s"] == fmt_time(wall_s)
