@@ -26,7 +26,7 @@ from .genotype import Genotype
 from .config import Config
 from .cost import CostTerm, cost_table
 from .data import Dataset, load_dataset, make_loader, make_splits, train_augment
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .latency import load_table
 from .network import NetSpec, Network, darts_spec, derive, derived_spec
 from .profiling import enable_nvtx
@@ -268,7 +268,10 @@ def curriculum_loaders(cfg: Config, dataset: Dataset, device: torch.device, worl
     """The train, arch and val loaders of `cfg.curriculum`, split and labelled (`shuffle_labels` included) as the
     run's data set is. Its images must have the data set's shape and classes, and its training set the same size,
     so that an epoch has the same steps on either and the schedules hold across the switch."""
-    cur = load_data(dataclasses.replace(cfg, dataset=cfg.curriculum, data_dir=None), device)
+    try:
+        cur = load_data(dataclasses.replace(cfg, dataset=cfg.curriculum, data_dir=None), device)
+    except DataError as e:
+        raise DataError(f"curriculum={cfg.curriculum}: {e}") from None
     mismatch = [f"{what} {a} against {b}" for what, a, b in (
         ("image shape", cur.image_shape, dataset.image_shape), ("classes", cur.num_classes, dataset.num_classes),
         ("training images", len(cur.train_labels), len(dataset.train_labels))) if a != b]

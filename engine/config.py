@@ -189,6 +189,8 @@ class Config:
         need(self.loader in LOADERS, "loader", f"choose one of {', '.join(LOADERS)}")
         need(self.curriculum == "" or self.curriculum in DATASETS, "curriculum",
              f"choose one of {', '.join(DATASETS)}, or leave it empty")
+        need(self.curriculum != "imagefolder", "curriculum",
+             "a curriculum is read from its data set's default place, and imagefolder has none")
         need(isinstance(self.curriculum_epochs, int) and self.curriculum_epochs >= 0, "curriculum_epochs",
              "a whole number of epochs, 0 or more")
         need(bool(self.curriculum) == (self.curriculum_epochs > 0), "curriculum_epochs",

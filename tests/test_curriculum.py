@@ -13,7 +13,7 @@ from engine.build import build_run, load_data
 from engine.cli import main
 from engine.config import preset
 from engine.data import make_splits
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.genotype import Genotype
 from engine.trainer import Trainer
 
@@ -81,6 +81,7 @@ def test_shuffled_labels_reach_the_curriculum_too():
     (["curriculum="], "set both curriculum and curriculum_epochs"),
     (["curriculum=mnist"], "curriculum='mnist': choose one of"),
     (["curriculum_epochs=3"], "must be under the supernet's 3 epochs"),
+    (["curriculum=imagefolder"], "imagefolder has none"),
 ])
 def test_a_curriculum_config_that_cannot_work_is_refused(overrides, says):
     with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
@@ -119,3 +120,11 @@ def test_training_a_genotype_with_a_search_config_drops_the_curriculum(tmp_path)
                  "--out", str(tmp_path / "t")]) == 0
     records = _metrics(tmp_path / "t")
     assert [r["phase"] for r in records] == ["optimize", "final"] and "data" not in records[0]
+
+
+def test_a_curriculum_whose_data_is_missing_names_the_curriculum(tmp_path, monkeypatch):
+    import engine.data.readers as readers
+    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(tmp_path / "nothing-here"), raising=False)
+    cfg = preset("planted").override(TINY + ["curriculum=fashion-mnist"])
+    with pytest.raises(DataError, match=r"^curriculum=fashion-mnist: "):
+        build_run(cfg)
