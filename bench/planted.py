@@ -30,7 +30,6 @@ so an interrupted protocol continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -41,6 +40,7 @@ import numpy as np
 from common import print_table, write_json
 from search_quality import search, search_dir, summarize, train
 
+from engine import report
 from engine.genotype import CELL_TYPES, NONE, Genotype, edge_index, num_edges
 from engine.ops import PRIMITIVES
 from engine.cli import TRAIN_ONLY
@@ -100,15 +100,14 @@ def decided_for(family, probabilities: dict[str, list[list[float]]], p_min: floa
     return out
 
 
-def curriculum_end(cfg, seed: int, work: str, family, cells) -> dict | None:
+def curriculum_end(cfg, run_dir: str, family, cells) -> dict | None:
     """A search with a curriculum (config `curriculum`), as it stood at the curriculum's last epoch, read from its
-    run's metrics.jsonl: the genotype its probabilities then gave (the run's derivation rule), that genotype's
+    run directory's records: the genotype its probabilities then gave (the run's derivation rule), that genotype's
     share of `family` in `cells`, and the supernet's val accuracy on the curriculum's data. Beside the final
     share it says whether the task's own data moved the search, or the easier data had found it all."""
     if not cfg.curriculum:
         return None
-    with open(os.path.join(search_dir(cfg, seed, work), "metrics.jsonl")) as f:
-        last = [r for r in map(json.loads, f) if r.get("data") == cfg.curriculum and "probs" in r][-1]
+    last = [r for r in report.read_run(run_dir)["epochs"] if r.get("data") == cfg.curriculum and "probs" in r][-1]
     g = Genotype.from_probabilities(last["probs"], cfg.nodes, **cfg.derivation_caps())
     return {"global_epoch": last["global_epoch"], "genotype": str(g), "share": scored_share(g, family, cells),
             "val_acc": last["val_acc"]}
@@ -232,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
                                        ("shuffled", searched.override(["shuffle_labels=true"]),
                                         seeds(args.shuffled_seeds))):
             for s in seed_list:
-                found = search(cfg_k, s, work)
+                found, run_dir = search(cfg_k, s, work), search_dir(cfg_k, s, work)
                 g = Genotype.from_json(found["genotype"])
                 rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
                              "decided": decidedness(g, found["probabilities"]),
                              "decided_family": decided_for(family, found["probabilities"]),
-                             "curriculum_end": curriculum_end(cfg_k, s, work, family, SCORED[args.task]),
-                             "run": search_dir(cfg_k, s, work)})  # its checkpoints: bench/ranking.py's input
+                             "curriculum_end": curriculum_end(cfg_k, run_dir, family, SCORED[args.task]),
+                             "run": run_dir})  # its checkpoints: bench/ranking.py's input
         for r in rows:
             r["share"] = r["genotype"].share(family)
             if r["kind"] != "shuffled":  # the control's genotypes are judged by their shares alone

@@ -121,6 +121,11 @@ def _record_path(work: str, name: str, key: str) -> str:
     return os.path.join(work, f"{name}-{key}.json")
 
 
+def _run_dir(work: str, name: str, key: str) -> str:
+    """Where the run behind the record of `_record_path` keeps its files (metrics.jsonl, checkpoints)."""
+    return os.path.join(work, f"{name}-{key}")
+
+
 def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict:
     """The record stored under work/<name>-<key>.json, computed (and stored atomically) when missing. Before
     computing, the process claims the record (work/<name>-<key>.json.claim), so processes sharing --work never
@@ -146,7 +151,7 @@ def _cached(work: str, name: str, key: str, compute, busy: str = "wait") -> dict
         record = _stored(path)  # finished by another process between the look and the claim
         if record is not None:
             return record
-        record = compute(os.path.join(work, f"{name}-{key}"))
+        record = compute(_run_dir(work, name, key))
         _store(path, record)
         return record
     finally:
@@ -178,7 +183,7 @@ def _search_config(cfg: Config, seed: int) -> Config:
 
 def search_dir(cfg: Config, seed: int, work: str) -> str:
     """The run directory (metrics.jsonl, checkpoints) that `search` keeps the search of `cfg` and `seed` in."""
-    return os.path.join(work, f"search-seed{seed}-{_key(_search_config(cfg, seed).to_json())}")
+    return _run_dir(work, f"search-seed{seed}", _key(_search_config(cfg, seed).to_json()))
 
 
 def rederive(cfg: Config, found: dict, variant: list[str]) -> Genotype:

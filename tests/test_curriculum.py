@@ -101,14 +101,14 @@ def test_the_protocol_reads_where_a_search_stood_when_its_curriculum_ended(tmp_p
     planted, search_quality = load_bench("planted"), load_bench("search_quality")
     cfg = preset("planted").override(TINY)
     search_quality.search(cfg, 0, str(tmp_path))
-    end = planted.curriculum_end(cfg, 0, str(tmp_path), ("max_pool_3x3",), ("reduce",))
-    with open(os.path.join(search_quality.search_dir(cfg, 0, str(tmp_path)), "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+    run_dir = search_quality.search_dir(cfg, 0, str(tmp_path))
+    end = planted.curriculum_end(cfg, run_dir, ("max_pool_3x3",), ("reduce",))
+    records = _metrics(run_dir)
     at_switch = [r for r in records if r.get("global_epoch") == 2 and "probs" in r]
     assert end["global_epoch"] == 2 and end["genotype"] == at_switch[0]["genotype"]
     assert end["val_acc"] == at_switch[0]["val_acc"]
     assert [r["data"] for r in records if "probs" in r] == ["planted-polarity-near"] * 2 + ["planted-polarity"]
-    assert planted.curriculum_end(preset("planted"), 0, str(tmp_path), ("max_pool_3x3",), ("reduce",)) is None
+    assert planted.curriculum_end(preset("planted"), run_dir, ("max_pool_3x3",), ("reduce",)) is None
 
 
 def test_training_a_genotype_with_a_search_config_drops_the_curriculum(tmp_path):
@@ -124,7 +124,7 @@ def test_training_a_genotype_with_a_search_config_drops_the_curriculum(tmp_path)
 
 def test_a_curriculum_whose_data_is_missing_names_the_curriculum(tmp_path, monkeypatch):
     import engine.data.readers as readers
-    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(tmp_path / "nothing-here"), raising=False)
+    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(tmp_path / "nothing-here"))
     cfg = preset("planted").override(TINY + ["curriculum=fashion-mnist"])
     with pytest.raises(DataError, match=r"^curriculum=fashion-mnist: "):
         build_run(cfg)
