@@ -3,6 +3,7 @@ tests that need the real Fashion-MNIST files skip with a pointer to `make data` 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
 import sys
@@ -35,6 +36,16 @@ TIMING = {"it_s", "images_s", "epoch_s", "elapsed_s", "wall_s", "grow_s", "recom
 
 def untimed(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def quiet(*_) -> None:
+    """A run's `log` that prints nothing."""
+
+
+def read_metrics(out) -> list[dict]:
+    """Every record of a run directory's metrics.jsonl, in order (epochs, growth events, the final record)."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")

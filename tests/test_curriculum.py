@@ -4,7 +4,6 @@ run; a control's shuffled labels reach the curriculum too; a curriculum that doe
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,19 +16,10 @@ from engine.errors import ConfigError, DataError
 from engine.genotype import Genotype
 from engine.trainer import Trainer
 
-from .conftest import load_bench, untimed
+from .conftest import load_bench, quiet, read_metrics, untimed
 
 TINY = ["dataset=planted-polarity", "curriculum=planted-polarity-near", "curriculum_epochs=2",
         "synthetic_train=256", "synthetic_test=64", "warmup_epochs=1", "search_epochs=2", "optimize_epochs=1"]
-
-
-def _quiet(*_):
-    pass
-
-
-def _metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_the_first_epochs_read_the_curriculum_and_the_rest_the_data_set():
@@ -50,7 +40,7 @@ def test_a_run_switches_data_after_the_curriculum_and_resumes_across_the_switch(
     cfg = preset("planted").override(TINY)
     said = []
     full = Trainer(cfg, str(tmp_path / "full"), log=said.append).run()
-    records = [r for r in _metrics(tmp_path / "full") if r["phase"] != "final" and "event" not in r]
+    records = [r for r in read_metrics(tmp_path / "full") if r["phase"] != "final" and "event" not in r]
     assert [(r["phase"], r["data"]) for r in records] == [
         ("warmup", "planted-polarity-near"), ("search", "planted-polarity-near"), ("search", "planted-polarity"),
         ("optimize", "planted-polarity")]
@@ -58,9 +48,9 @@ def test_a_run_switches_data_after_the_curriculum_and_resumes_across_the_switch(
     assert sum("data: planted-polarity from here on" in line for line in said) == 1
 
     out = tmp_path / "stopped"
-    assert Trainer(cfg, str(out), log=_quiet, stop_after=2).run() is None  # stopped at the switch
-    resumed = Trainer(cfg, str(out), resume=True, log=_quiet).run()
-    assert untimed(_metrics(out)) == untimed(_metrics(tmp_path / "full"))
+    assert Trainer(cfg, str(out), log=quiet, stop_after=2).run() is None  # stopped at the switch
+    resumed = Trainer(cfg, str(out), resume=True, log=quiet).run()
+    assert untimed(read_metrics(out)) == untimed(read_metrics(tmp_path / "full"))
     assert resumed["test_acc"] == full["test_acc"] and resumed["genotype"] == full["genotype"]
 
 
@@ -92,7 +82,7 @@ def test_a_curriculum_of_another_shape_is_refused_before_anything_runs(tmp_path)
     cfg = preset("planted").override(TINY + ["curriculum=planted-lag"])  # 16x16 images, the task's 20x20
     with pytest.raises(ConfigError, match=r"curriculum=planted-lag does not fit dataset=planted-polarity: image "
                                           r"shape \(1, 16, 16\) against \(1, 20, 20\)"):
-        Trainer(cfg, str(tmp_path / "run"), log=_quiet).run()
+        Trainer(cfg, str(tmp_path / "run"), log=quiet).run()
 
 
 def test_the_protocol_reads_where_a_search_stood_when_its_curriculum_ended(tmp_path):
@@ -103,7 +93,7 @@ def test_the_protocol_reads_where_a_search_stood_when_its_curriculum_ended(tmp_p
     search_quality.search(cfg, 0, str(tmp_path))
     run_dir = search_quality.search_dir(cfg, 0, str(tmp_path))
     end = planted.curriculum_end(cfg, run_dir, ("max_pool_3x3",), ("reduce",))
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     at_switch = [r for r in records if r.get("global_epoch") == 2 and "probs" in r]
     assert end["global_epoch"] == 2 and end["genotype"] == at_switch[0]["genotype"]
     assert end["val_acc"] == at_switch[0]["val_acc"]
@@ -118,7 +108,7 @@ def test_training_a_genotype_with_a_search_config_drops_the_curriculum(tmp_path)
     sets = [a for kv in TINY for a in ("--set", kv)]
     assert main(["train", "--preset", "planted", *sets, "--genotype", str(tmp_path / "g.json"),
                  "--out", str(tmp_path / "t")]) == 0
-    records = _metrics(tmp_path / "t")
+    records = read_metrics(tmp_path / "t")
     assert [r["phase"] for r in records] == ["optimize", "final"] and "data" not in records[0]
 
 

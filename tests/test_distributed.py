@@ -26,16 +26,12 @@ from engine.errors import CheckpointError, TrainingError
 from engine.stopping import Stopped, StopRequest
 from engine.trainer import Trainer
 
-from .conftest import untimed
+from .conftest import quiet, untimed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # small: one epoch per supernet phase, 4 weight steps per epoch on each rank; two optimize epochs (the derived
 # network is not evaluated between them, so each rank's BatchNorm statistics are its own at their checkpoint)
 SMOKE = ["steps_per_epoch=4", "synthetic_train=512", "eval_batch_size=64", "optimize_epochs=2"]
-
-
-def _quiet(*_):
-    pass
 
 
 def _free_port() -> int:
@@ -62,7 +58,7 @@ def spawn(fn, *args, world: int = 2) -> None:
 def _search(rank: int, out: str, results: str, stop_after) -> None:
     cfg = preset("smoke").override(SMOKE)
     resume = os.path.isfile(os.path.join(out, "checkpoints", "last.pt"))  # both ranks resume from rank 0's
-    trainer = Trainer(cfg, out, log=_quiet, resume=resume, stop_after=stop_after)
+    trainer = Trainer(cfg, out, log=quiet, resume=resume, stop_after=stop_after)
     trainer.run()
     torch.save({"logits": {k: v.clone() for k, v in trainer.arch.state_dict().items()},
                 "genotype": str(trainer.arch.genotype()), "train_batches": len(trainer.loaders["train"]),
@@ -93,7 +89,7 @@ def _search_stopped_mid_epoch(rank: int, out: str) -> None:
     every SYNC_STEPS steps: 2 here) and stop."""
     from engine import loop
     loop.SYNC_STEPS = 2
-    trainer = Trainer(preset("smoke").override(SMOKE), out, log=_quiet)
+    trainer = Trainer(preset("smoke").override(SMOKE), out, log=quiet)
     stop = _StopInSearch(trainer.progress) if rank == 0 else StopRequest()
     with pytest.raises(Stopped):
         trainer.loop(stop)()
@@ -158,7 +154,7 @@ def test_each_rank_reads_its_shard():
 def test_resume_on_another_world_size_is_refused(two_ranks):
     out, _ = two_ranks
     with pytest.raises(CheckpointError, match=r"2 rank\(s\), resumed on 1"):
-        Trainer(preset("smoke").override(SMOKE), str(out), resume=True, log=_quiet)
+        Trainer(preset("smoke").override(SMOKE), str(out), resume=True, log=quiet)
 
 
 @pytest.mark.slow
@@ -329,7 +325,7 @@ def _compiled_growth(rank: int, out: str, results: str) -> None:
     cfg = preset("smoke").override(["optimize_epochs=0", "search_epochs=1", "growth_epochs=2", "grow_every=1",
                                     "compile=on", "synthetic_size=8", "layers=1", "channels=4",
                                     "stem_multiplier=1", "batch_size=16"])
-    t = Trainer(cfg, out, log=_quiet)
+    t = Trainer(cfg, out, log=quiet)
     x, y = next(iter(t.loaders["train"]))
     t.steps.precompile(x, y, "growth")
     graphs = len({g for g in t.steps.monitor.graphs if g.startswith("op:")})
@@ -389,7 +385,7 @@ def test_ranks_that_drift_apart_stop_naming_the_epoch(tmp_path):
 def _drift_in_the_loop(rank: int, out: str, results: str) -> None:
     """A whole smoke search on two ranks, where rank 1's logits move off rank 0's after its first architecture
     step (as a rank-local bug would): the loop's own per-epoch check must stop both ranks at that epoch's end."""
-    trainer = Trainer(preset("smoke").override(SMOKE), out, log=_quiet)
+    trainer = Trainer(preset("smoke").override(SMOKE), out, log=quiet)
     arch_step = trainer.steps.arch_step
 
     def drifting(*a, **k):

@@ -17,6 +17,8 @@ from engine.hostreads import HostReads
 from engine.steps import Steps
 from engine.trainer import Trainer
 
+from .conftest import quiet
+
 
 @pytest.fixture
 def sync_free(monkeypatch):
@@ -24,10 +26,6 @@ def sync_free(monkeypatch):
     real = steps_module.resolve_policy
     monkeypatch.setattr(steps_module, "resolve_policy", lambda setting, device: {**real(setting, device),
                                                                                   "sync_free": True})
-
-
-def _quiet(*_):
-    pass
 
 
 def test_the_counter_catches_every_kind_of_read():
@@ -50,7 +48,7 @@ def test_the_counter_catches_every_kind_of_read():
 
 
 def test_step_reads_per_phase(tmp_path, sync_free):
-    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=_quiet)
+    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=quiet)
     steps = trainer.steps
     assert steps.sync_free
     train, val = Cycle(trainer.loaders["train"]), Cycle(trainer.loaders["arch"])
@@ -73,7 +71,7 @@ def test_step_reads_per_phase(tmp_path, sync_free):
 @pytest.mark.parametrize("phase, cost", [("search", []), ("growth", []), ("search", ["cost=macs", "cost_target=1"])])
 def test_a_search_iteration_reads_once(tmp_path, sync_free, phase, cost):
     """With a cost term too: the derived genotype's cost is computed on the device (engine/cost.py)."""
-    trainer = Trainer(preset("smoke").override(cost), str(tmp_path / "run"), log=_quiet)
+    trainer = Trainer(preset("smoke").override(cost), str(tmp_path / "run"), log=quiet)
     steps, arch = trainer.steps, trainer.arch
     train, val = Cycle(trainer.loaders["train"]), Cycle(trainer.loaders["arch"])
     steps.weight_step(*next(train), phase)  # optimizer state
@@ -89,7 +87,7 @@ def test_a_search_iteration_reads_once(tmp_path, sync_free, phase, cost):
 
 
 def test_optimize_weight_step_reads_nothing(tmp_path, sync_free):
-    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=_quiet)
+    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=quiet)
     final = trainer.run_state.build_final(trainer.arch.genotype())
     batches = Cycle(trainer.run_state.loaders["optimize"])
     final.steps.weight_step(*next(batches))
@@ -100,7 +98,7 @@ def test_optimize_weight_step_reads_nothing(tmp_path, sync_free):
 
 
 def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, sync_free, monkeypatch):
-    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=_quiet)
+    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=quiet)
     steps = trainer.steps
     train, val = Cycle(trainer.loaders["train"]), Cycle(trainer.loaders["arch"])
     steps.weight_step(*next(train), "search")
@@ -132,7 +130,7 @@ def test_a_whole_smoke_search_reads_at_most_twice_per_optimizer_step(tmp_path, s
             calls[_name] += 1
             return _real(self, *a, **k)
         monkeypatch.setattr(Steps, f"{name}_step", counted)
-    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=_quiet)
+    trainer = Trainer(preset("smoke"), str(tmp_path / "run"), log=quiet)
     with HostReads() as reads:
         final = trainer.run()
     optimizer_steps = calls["weight"] + calls["arch"]

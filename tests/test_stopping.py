@@ -28,22 +28,13 @@ from engine.loop import PhaseLoop
 from engine.steps import Steps
 from engine.trainer import Trainer
 
-from .conftest import untimed
+from .conftest import quiet, read_metrics, untimed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _quiet(*_):
-    pass
-
-
-def _metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _same_run(out, reference) -> None:
-    assert untimed(_metrics(out)) == untimed(_metrics(reference))
+    assert untimed(read_metrics(out)) == untimed(read_metrics(reference))
     for name in ("genotype.json", "final.json"):
         mine, theirs = (json.loads((p / name).read_text()) for p in (out, reference))
         assert untimed([mine]) == untimed([theirs]), name
@@ -57,7 +48,7 @@ def _files(out) -> dict:
 def reference(tmp_path_factory):
     """The uninterrupted smoke run (it grows once, in its growth epoch)."""
     out = tmp_path_factory.mktemp("reference")
-    Trainer(preset("smoke"), str(out), log=_quiet).run()
+    Trainer(preset("smoke"), str(out), log=quiet).run()
     return out
 
 
@@ -91,10 +82,10 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(reference, tmp_path, monkey
 
     monkeypatch.setattr(PhaseLoop, "save", save_then_die)
     with pytest.raises(_Killed):
-        Trainer(preset("smoke"), str(tmp_path), log=_quiet, checkpoint_every_s=0).run()
+        Trainer(preset("smoke"), str(tmp_path), log=quiet, checkpoint_every_s=0).run()
     monkeypatch.setattr(PhaseLoop, "save", real_save)
     assert saves[-1][0] == phase and saves[-1][1] > 0  # stopped inside an epoch of that phase
-    Trainer(preset("smoke"), str(tmp_path), log=_quiet, resume=True).run()
+    Trainer(preset("smoke"), str(tmp_path), log=quiet, resume=True).run()
     _same_run(tmp_path, reference)
 
 

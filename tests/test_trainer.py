@@ -18,21 +18,11 @@ from engine.errors import TrainingError
 from engine.steps import Steps
 from engine.trainer import Trainer
 
-from .conftest import load_bench, needs_fashion_mnist, untimed
-
-
-
-def _quiet(*_):
-    pass
+from .conftest import load_bench, needs_fashion_mnist, quiet, read_metrics, untimed
 
 
 def _run(cfg, out, **kw):
-    return Trainer(cfg, str(out), log=_quiet, **kw).run()
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return Trainer(cfg, str(out), log=quiet, **kw).run()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def test_run_directory_contents(smoke_run):
     data = json.loads((out / "final.json").read_text())
     assert {"test_acc", "params", "wall_s", "genotype"} <= set(data) and 0 <= data["test_acc"] <= 1
     assert data == final
-    records = _metrics(out)
+    records = read_metrics(out)
     epochs = [r for r in records if "event" not in r and r.get("phase") in ("warmup", "search", "growth", "optimize")]
     assert [r["event"] for r in records if "event" in r] == ["grow_depth"]  # the smoke preset grows once
     assert [r["phase"] for r in epochs] == ["warmup", "search", "growth", "optimize"]
@@ -88,7 +78,7 @@ def test_train_command_trains_a_genotype_from_scratch(smoke_run, tmp_path):
     _, out, _ = smoke_run
     assert main(["train", "--preset", "smoke", "--genotype", str(out / "genotype.json"), "--out",
                  str(tmp_path / "t")]) == 0
-    records = _metrics(tmp_path / "t")
+    records = read_metrics(tmp_path / "t")
     assert [r["phase"] for r in records] == ["optimize", "final"]
     trained = Genotype.load(str(out / "genotype.json"))
     assert records[0]["genotype"] == str(trained) and records[0]["param_free"] == trained.param_free_fraction()
@@ -101,9 +91,9 @@ def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path, stop_after):
     out = tmp_path / "run"
     cfg = preset("smoke")
     assert _run(cfg, out, stop_after=stop_after) is None
-    assert len([r for r in _metrics(out) if r["phase"] != "final" and "event" not in r]) == stop_after
-    final = Trainer(cfg, str(out), resume=True, log=_quiet).run()
-    assert untimed(_metrics(out)) == untimed(_metrics(full_out))
+    assert len([r for r in read_metrics(out) if r["phase"] != "final" and "event" not in r]) == stop_after
+    final = Trainer(cfg, str(out), resume=True, log=quiet).run()
+    assert untimed(read_metrics(out)) == untimed(read_metrics(full_out))
     assert (out / "genotype.json").read_text() == (full_out / "genotype.json").read_text()
     assert final["test_acc"] == full_final["test_acc"]
 
@@ -131,9 +121,9 @@ def test_on_make_runs_path_reruns_and_resumes_are_bit_for_bit(tmp_path, monkeypa
     assert calls["ref"] > 0
     again = _run(cfg, tmp_path / "again")
     assert _run(cfg, tmp_path / "resumed", stop_after=2) is None
-    resumed = Trainer(cfg, str(tmp_path / "resumed"), resume=True, log=_quiet).run()
+    resumed = Trainer(cfg, str(tmp_path / "resumed"), resume=True, log=quiet).run()
     for out, final in (("again", again), ("resumed", resumed)):
-        assert untimed(_metrics(tmp_path / out)) == untimed(_metrics(tmp_path / "first")), out
+        assert untimed(read_metrics(tmp_path / out)) == untimed(read_metrics(tmp_path / "first")), out
         assert final["test_acc"] == first["test_acc"] and final["genotype"] == first["genotype"], out
 
 
@@ -143,8 +133,8 @@ def test_resume_rewinds_metrics_written_after_the_checkpoint(tmp_path):
     _run(cfg, out, stop_after=2)
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"phase": "search", "epoch": 99}) + "\n")  # an epoch that never checkpointed
-    Trainer(cfg, str(out), resume=True, log=_quiet, stop_after=0)
-    assert len(_metrics(out)) == 2
+    Trainer(cfg, str(out), resume=True, log=quiet, stop_after=0)
+    assert len(read_metrics(out)) == 2
 
 
 def test_machine_record_says_when_a_resume_computes_on_another_kind_of_machine(tmp_path):
@@ -200,7 +190,7 @@ def test_resume_with_nvtx_profiling(smoke_run, tmp_path):
     assert main(["search", "--resume", str(out), "--nvtx"]) == 0
     final = json.loads((out / "final.json").read_text())
     assert final["epochs"] == 4 and final["test_acc"] == full_final["test_acc"]
-    assert untimed(_metrics(out)) == untimed(_metrics(full_out))
+    assert untimed(read_metrics(out)) == untimed(read_metrics(full_out))
 
 
 def test_resume_on_another_device_of_the_same_kind_but_not_with_another_seed(tmp_path, capsys):
@@ -240,12 +230,12 @@ def test_no_none_poisoning(tmp_path):
     learn too, which a `none`-dominated init would stop (checked by poisoning the init on purpose)."""
     cfg = preset("smoke").override(["synthetic_train=2048", "growth_epochs=0", "optimize_epochs=0"])
     _run(cfg, tmp_path / "a")
-    warm, search = [r for r in _metrics(tmp_path / "a") if r["phase"] in ("warmup", "search")]
+    warm, search = [r for r in read_metrics(tmp_path / "a") if r["phase"] in ("warmup", "search")]
     assert warm["val_acc"] > 0.3 and warm["train_acc"] > 0.2, warm  # chance: 0.1
     assert search["arch_acc"] > 0.3, search
     poisoned = cfg.override(["none_init=6.0", "handover_bias=0"])
     _run(poisoned, tmp_path / "b")
-    bad = [r for r in _metrics(tmp_path / "b") if r["phase"] == "search"][0]
+    bad = [r for r in read_metrics(tmp_path / "b") if r["phase"] == "search"][0]
     assert bad["arch_acc"] < 0.2, bad  # the same search with `none` dominating the init stays near chance
 
 
@@ -284,12 +274,12 @@ def test_no_batch_mismatch_with_partial_batches_in_every_phase(tmp_path):
     cfg = preset("smoke").override(["synthetic_train=203", "synthetic_test=77", "batch_size=32",
                                     "eval_batch_size=50", "optimize_batch_size=32", "drop_last=false"])
     final = _run(cfg, tmp_path)
-    phases = [r["phase"] for r in _metrics(tmp_path) if "event" not in r]
+    phases = [r["phase"] for r in read_metrics(tmp_path) if "event" not in r]
     assert phases == ["warmup", "search", "growth", "optimize", "final"] and final["test_acc"] >= 0
 
 
 def test_no_double_backward_in_200_alternating_steps(tmp_path):
-    trainer = Trainer(preset("smoke"), str(tmp_path), log=_quiet)
+    trainer = Trainer(preset("smoke"), str(tmp_path), log=quiet)
     steps, loaders = trainer.steps, trainer.loaders
     train, val = Cycle(loaders["train"]), Cycle(loaders["arch"])
     for i in range(200):
@@ -300,7 +290,7 @@ def test_no_double_backward_in_200_alternating_steps(tmp_path):
 
 
 def test_arch_steps_never_change_weights_and_weight_steps_never_change_logits(tmp_path):
-    trainer = Trainer(preset("smoke"), str(tmp_path), log=_quiet)
+    trainer = Trainer(preset("smoke"), str(tmp_path), log=quiet)
     steps = trainer.steps
     x, y = next(iter(trainer.loaders["train"]))
     weights = [p.detach().clone() for p in trainer.net.parameters()]
@@ -330,7 +320,7 @@ def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
         return loss * float("nan") if calls["n"] % 7 == 0 else loss
 
     monkeypatch.setattr(Steps, "criterion", sometimes_nan)
-    trainer = Trainer(preset("smoke").override(["nan_limit=1000"]), str(tmp_path), log=_quiet)
+    trainer = Trainer(preset("smoke").override(["nan_limit=1000"]), str(tmp_path), log=quiet)
     final = trainer.run()
     assert final["skipped_steps"] > 0 and _finite(trainer)
 
@@ -338,7 +328,7 @@ def test_nan_losses_are_skipped_and_counted(tmp_path, monkeypatch):
 def test_nan_logits_fall_back_and_the_run_goes_on(tmp_path):
     out = tmp_path / "run"
     _run(preset("smoke"), out, stop_after=1)  # warmup done
-    trainer = Trainer(preset("smoke"), str(out), resume=True, log=_quiet)
+    trainer = Trainer(preset("smoke"), str(out), resume=True, log=quiet)
     with torch.no_grad():
         trainer.arch.logits["normal"][3] = float("nan")
         trainer.arch.logits["reduce"][0, 2] = float("inf")
@@ -354,7 +344,7 @@ def test_too_many_nan_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_pa
     last = (out / "checkpoints" / "last.pt").read_bytes()
     monkeypatch.setattr(Steps, "criterion", lambda self, logits, y: logits.sum() * float("nan"))
     with pytest.raises(TrainingError, match="nan_limit"):
-        Trainer(cfg, str(out), resume=True, log=_quiet).run()
+        Trainer(cfg, str(out), resume=True, log=quiet).run()
     assert (out / "checkpoints" / "last.pt").read_bytes() == last
     code = main(["search", "--resume", str(out)])
     err = capsys.readouterr().err.strip()
@@ -364,11 +354,11 @@ def test_too_many_nan_losses_stop_the_run_with_the_last_checkpoint_intact(tmp_pa
 def test_architecture_steps_begin_after_arch_start_epochs(tmp_path):
     cfg = preset("smoke").override(["search_epochs=2", "growth_epochs=0", "optimize_epochs=0",
                                     "arch_start_epochs=1"])
-    trainer = Trainer(cfg, str(tmp_path), log=_quiet)
+    trainer = Trainer(cfg, str(tmp_path), log=quiet)
     initial = {k: v.clone() for k, v in trainer.arch.state_dict().items()}
     trainer.run()
-    search = [r for r in _metrics(tmp_path) if r.get("phase") == "search"]
-    steps_per_epoch = search[0]["step"] - [r for r in _metrics(tmp_path) if r.get("phase") == "warmup"][-1]["step"]
+    search = [r for r in read_metrics(tmp_path) if r.get("phase") == "search"]
+    steps_per_epoch = search[0]["step"] - [r for r in read_metrics(tmp_path) if r.get("phase") == "warmup"][-1]["step"]
     assert search[0]["arch_steps"] == 0 and search[0]["arch_acc"] is None  # weights alone in the first epoch
     assert search[0]["genotype"] == str(Genotype.from_probabilities(
         {t: torch.softmax(initial[f"logits.{t}"], 1) for t in ("normal", "reduce")}, 4, cfg.max_skip, None))
