@@ -79,16 +79,40 @@ class _Transfer:
 
 class ArchState:
     """Counters a run logs: non-finite fallbacks and repaired logit rows (device tensors, so counting never
-    makes the host wait; reading them is a host read, done at epoch ends), and the op-selection histogram of
-    the sampled ops (host lists, filled from the indices the host reads anyway to route the step)."""
+    makes the host wait; reading them is a host read, done at epoch ends), the op-selection histogram of
+    the sampled ops (host lists, filled from the indices the host reads anyway to route the step), and the
+    architecture gradient's running sum and sum of squares per logit (`add_gradients`, `drift`)."""
 
-    def __init__(self):
+    def __init__(self, edges: int = 14):
         self.counts = torch.zeros(2, dtype=torch.int64)   # nan_events, repaired_rows
         self.histogram: dict[str, list[int]] = {t: [0] * len(PRIMITIVES) for t in CELL_TYPES}
+        # [sum, sum of squares] x cell type x edge x op of the logits' gradients over every applied
+        # architecture step (float64: thousands of small terms), and how many steps they hold
+        self.grad_moments = torch.zeros(2, len(CELL_TYPES), edges, len(PRIMITIVES), dtype=torch.float64)
+        self.grad_steps = torch.zeros((), dtype=torch.int64)
 
     def to(self, device) -> "ArchState":
         self.counts = self.counts.to(device)
+        self.grad_moments = self.grad_moments.to(device)
+        self.grad_steps = self.grad_steps.to(device)
         return self
+
+    def add_gradients(self, grads: list[torch.Tensor], ok: torch.Tensor) -> None:
+        """Count one architecture step's logit gradients (one per cell type, CELL_TYPES' order) where `ok`
+        (a device bool: the step was applied); on the device, no host read."""
+        g = torch.where(ok, torch.stack([x.detach() for x in grads]).to(self.grad_moments.dtype), 0.0)
+        self.grad_moments += torch.stack([g, g * g])
+        self.grad_steps += ok.to(self.grad_steps.dtype)
+
+    def drift(self) -> torch.Tensor:
+        """Per cell type, edge and op: how consistently the architecture steps pushed the logit up,
+        z = -sum(g) / sqrt(sum(g^2)) (0 where no gradient arrived). When the steps' gradients are
+        independent noise of mean 0, z is about N(0, 1) however many steps ran; a steady push of
+        signal-to-noise ratio r per step gives about r * sqrt(steps). With Adam, which scales each step by
+        the gradient's running rms, the logit moved about arch_lr * sqrt(steps) * z: |z| <= 2 is a move a
+        random walk makes. Steps with larger gradients (a lower Gumbel temperature) weigh more."""
+        s, sq = self.grad_moments
+        return torch.where(sq > 0, -s / sq.clamp_min(1e-300).sqrt(), torch.zeros_like(s))
 
     @property
     def nan_events(self) -> int:
@@ -128,7 +152,7 @@ class Architecture(nn.Module):
         self.logits = nn.ParameterDict({t: nn.Parameter(self._init_logits(t, g)) for t in CELL_TYPES})
         self.tau = 1.0
         self.skip_bias = 0.0
-        self.state = ArchState()
+        self.state = ArchState(self.edges)
         self._warmup: CellWeights | None = None
         self._drawn: collections.deque[_Drawn] = collections.deque()   # samples prefetched for the next steps
 
@@ -136,6 +160,9 @@ class Architecture(nn.Module):
         """`.to(device)` moves the counters with the logits (and drops samples drawn on the old device)."""
         out = super()._apply(fn, recurse)
         self.state.counts = fn(self.state.counts)
+        device = self.logits[CELL_TYPES[0]].device  # the sums stay float64 whatever dtype the logits take
+        self.state.grad_moments = self.state.grad_moments.to(device)
+        self.state.grad_steps = self.state.grad_steps.to(device)
         self._warmup = None
         self._drawn.clear()
         return out
@@ -306,18 +333,24 @@ class Architecture(nn.Module):
         return torch.softmax(self.logits[cell_type].detach().float(), dim=1)
 
     def statistics(self) -> dict:
-        """Per-edge entropy and max weight, mean entropy, op-selection histogram (sampled ops): one host read."""
+        """Per-edge entropy and max weight, mean entropy, op-selection histogram (sampled ops), the logits'
+        drift z (ArchState.drift) over the architecture steps so far: one host read."""
         probs = [self.probabilities(t) for t in CELL_TYPES]
         ents = [-(p * p.clamp_min(1e-12).log()).sum(1) for p in probs]
         mean = torch.cat(ents).mean()
+        drift = self.state.drift()
         values = torch.cat([*ents, *(p.max(1).values for p in probs), mean[None],
-                            self.state.counts.to(mean.dtype)]).tolist()
-        e = self.edges
-        out = {"tau": self.tau, "nan_events": int(values[4 * e + 1]), "repaired_rows": int(values[4 * e + 2])}
+                            self.state.counts.to(mean.dtype), self.state.grad_steps[None].to(mean.dtype),
+                            drift.flatten().to(mean.dtype)]).tolist()
+        e, k = self.edges, len(PRIMITIVES)
+        out = {"tau": self.tau, "nan_events": int(values[4 * e + 1]), "repaired_rows": int(values[4 * e + 2]),
+               "arch_grad_steps": int(values[4 * e + 3])}
+        z = values[4 * e + 4:]
         for i, t in enumerate(CELL_TYPES):
             out[f"{t}_entropy"] = [round(v, 4) for v in values[i * e:(i + 1) * e]]
             out[f"{t}_max_weight"] = [round(v, 4) for v in values[(2 + i) * e:(3 + i) * e]]
             out[f"{t}_histogram"] = dict(zip(PRIMITIVES, self.state.histogram[t]))
+            out[f"{t}_drift"] = [[round(v, 2) for v in z[(i * e + j) * k:(i * e + j + 1) * k]] for j in range(e)]
         out["mean_entropy"] = values[4 * e]
         return out
 

@@ -94,6 +94,9 @@ def epoch_record(*, phase: str, epoch: int, epochs: int, progress, sums: dict, v
     }
     if searching:
         record["histogram"] = {t: stats[f"{t}_histogram"] for t in ("normal", "reduce")}
+        # per edge and op, how consistently the architecture steps so far pushed the logit (ArchState.drift)
+        record["drift"] = {t: stats[f"{t}_drift"] for t in ("normal", "reduce")}
+        record["arch_grad_steps"] = stats["arch_grad_steps"]
     if model.is_supernet:  # the expected architecture (softmax of the logits) per edge and op: the report's heatmaps
         record["probs"] = {t: [[round(v, 4) for v in row] for row in arch.probabilities(t).tolist()]
                            for t in ("normal", "reduce")}

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .arch import Architecture
 from .distributed import SINGLE, World, average_buffers_, average_gradients_, sum_
 from .errors import ConfigError
+from .genotype import CELL_TYPES
 from .compile import CompileMonitor, OpGraphs, eager, monitor as get_monitor, reset as reset_compiled, resolve_policy
 from .network import Network
 from .profiling import nvtx_range
@@ -286,6 +287,7 @@ class Steps:
             average_gradients_(logits, self.world)  # data-parallel: the logits stay identical on every rank
             ok = torch.stack([torch.isfinite(loss.detach())] + [torch.isfinite(g).all() for g in grads]).all()
             optimizer_step(self.arch_opt, ok, self.sync_free)
+            self.arch.state.add_gradients([self.arch.logits[t].grad for t in CELL_TYPES], ok)
             self.arch_opt.zero_grad(set_to_none=True)
             self.arch.repair_()  # belt and braces: a non-finite logit row is reset to the prior, and counted
         return StepResult(loss.detach(), (out.detach().argmax(1) == y).sum(), len(y), ok)

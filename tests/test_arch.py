@@ -172,6 +172,29 @@ def test_statistics():
     assert all(0 < m <= 1 for m in stats["reduce_max_weight"])
 
 
+def test_drift_is_a_steady_push_against_noise():
+    """ArchState.drift: a gradient that always pushes one logit up gives sqrt(steps); independent noise of mean 0
+    stays about N(0, 1) however many steps ran; a step that was not applied (`ok` false, a non-finite gradient
+    included) counts for nothing."""
+    arch, n = Architecture(), 400
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        grads = [torch.randn(14, 8, generator=g) for _ in CELL_TYPES]
+        grads[0][3, 5] = -0.01                       # normal cell, edge 3, op 5: pushed up at every step
+        grads[1][0, 2] = 0.0                         # reduce cell, edge 0, op 2: no gradient ever arrives
+        arch.state.add_gradients(grads, torch.tensor(True))
+    arch.state.add_gradients([torch.full((14, 8), float("nan"))] * 2, torch.tensor(False))
+    z = arch.state.drift()
+    assert int(arch.state.grad_steps) == n and torch.isfinite(z).all()
+    assert z[0, 3, 5] == pytest.approx(math.sqrt(n))
+    assert z[1, 0, 2] == 0.0
+    noise = torch.cat([z[0].flatten()[:3 * 8 + 5], z[1].flatten()[3:]])
+    assert abs(float(noise.mean())) < 0.2 and 0.8 < float(noise.std()) < 1.2
+    stats = arch.statistics()
+    assert stats["arch_grad_steps"] == n and stats["normal_drift"][3][5] == pytest.approx(math.sqrt(n), abs=0.01)
+    assert len(stats["reduce_drift"]) == 14 and all(len(row) == 8 for row in stats["reduce_drift"])
+
+
 def _hand_set(arch: Architecture, picks: dict) -> None:
     """picks: {cell_type: {edge: (op_index, strength)}}; every other logit is 0 (none at -10)."""
     with torch.no_grad():

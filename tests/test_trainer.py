@@ -56,6 +56,12 @@ def test_run_directory_contents(smoke_run):
                     "elapsed_s", "params"):
             assert key in r, key
     assert records[-1]["phase"] == "final" and records[-1]["test_acc"] == final["test_acc"]
+    # the logits' drift over the architecture steps so far (ArchState.drift), in the searching epochs
+    search, growth = epochs[1], epochs[2]
+    assert "drift" not in epochs[0] and "drift" not in epochs[3]
+    assert search["arch_grad_steps"] == search["arch_steps"] > 0 and growth["arch_grad_steps"] == growth["arch_steps"]
+    assert all(len(search["drift"][t]) == 14 and any(any(v != 0 for v in row) for row in search["drift"][t])
+               for t in ("normal", "reduce"))
     geno = json.loads((out / "genotype.json").read_text())
     assert set(geno) == {"normal", "normal_concat", "reduce", "reduce_concat"}
     state = load_checkpoint(str(out / "checkpoints" / "last.pt"))
@@ -85,7 +91,7 @@ def test_train_command_trains_a_genotype_from_scratch(smoke_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("stop_after", [1, 3])
+@pytest.mark.parametrize("stop_after", [1, 2, 3])  # 2: mid-search, the logits' drift sums restored
 def test_resume_matches_an_uninterrupted_run(smoke_run, tmp_path, stop_after):
     _, full_out, full_final = smoke_run
     out = tmp_path / "run"
