@@ -81,38 +81,51 @@ class ArchState:
     """Counters a run logs: non-finite fallbacks and repaired logit rows (device tensors, so counting never
     makes the host wait; reading them is a host read, done at epoch ends), the op-selection histogram of
     the sampled ops (host lists, filled from the indices the host reads anyway to route the step), and the
-    architecture gradient's running sum and sum of squares per logit (`add_gradients`, `drift`)."""
+    architecture gradient's running sums per logit (`add_gradients`, `drift`)."""
 
     def __init__(self, edges: int = 14):
         self.counts = torch.zeros(2, dtype=torch.int64)   # nan_events, repaired_rows
         self.histogram: dict[str, list[int]] = {t: [0] * len(PRIMITIVES) for t in CELL_TYPES}
-        # [sum, sum of squares] x cell type x edge x op of the logits' gradients over every applied
-        # architecture step (float64: thousands of small terms), and how many steps they hold
-        self.grad_moments = torch.zeros(2, len(CELL_TYPES), edges, len(PRIMITIVES), dtype=torch.float64)
+        # per cell type, edge and op, the logits' gradients summed over every applied architecture step, and per
+        # edge their sum of outer products (ops x ops): the drift of any contrast between two ops follows
+        # (`drift`). float64: thousands of small terms
+        k = len(PRIMITIVES)
+        self.grad_sum = torch.zeros(len(CELL_TYPES), edges, k, dtype=torch.float64)
+        self.grad_outer = torch.zeros(len(CELL_TYPES), edges, k, k, dtype=torch.float64)
         self.grad_steps = torch.zeros((), dtype=torch.int64)
 
     def to(self, device) -> "ArchState":
         self.counts = self.counts.to(device)
-        self.grad_moments = self.grad_moments.to(device)
+        self.grad_sum, self.grad_outer = self.grad_sum.to(device), self.grad_outer.to(device)
         self.grad_steps = self.grad_steps.to(device)
         return self
 
     def add_gradients(self, grads: list[torch.Tensor], ok: torch.Tensor) -> None:
         """Count one architecture step's logit gradients (one per cell type, CELL_TYPES' order) where `ok`
         (a device bool: the step was applied); on the device, no host read."""
-        g = torch.where(ok, torch.stack([x.detach() for x in grads]).to(self.grad_moments.dtype), 0.0)
-        self.grad_moments += torch.stack([g, g * g])
+        g = torch.where(ok, torch.stack([x.detach() for x in grads]).to(self.grad_sum.dtype), 0.0)
+        self.grad_sum += g
+        self.grad_outer += g.unsqueeze(-1) * g.unsqueeze(-2)
         self.grad_steps += ok.to(self.grad_steps.dtype)
 
-    def drift(self) -> torch.Tensor:
+    def drift(self, against: torch.Tensor | None = None) -> torch.Tensor:
         """Per cell type, edge and op: how consistently the architecture steps pushed the logit up,
-        z = -sum(g) / sqrt(sum(g^2)) (0 where no gradient arrived). When the steps' gradients are
-        independent noise of mean 0, z is about N(0, 1) however many steps ran; a steady push of
-        signal-to-noise ratio r per step gives about r * sqrt(steps). With Adam, which scales each step by
-        the gradient's running rms, the logit moved about arch_lr * sqrt(steps) * z: |z| <= 2 is a move a
-        random walk makes. Steps with larger gradients (a lower Gumbel temperature) weigh more."""
-        s, sq = self.grad_moments
-        return torch.where(sq > 0, -s / sq.clamp_min(1e-300).sqrt(), torch.zeros_like(s))
+        z = -sum(g) / sqrt(sum(g^2)) (0 where no gradient arrived); with `against` (op indices, cell type x
+        edge), the same for the logit's difference from that op's, g_op - g_against: how consistently the data
+        pushed one op above the other. When the steps' gradients are independent noise of mean 0, z is about
+        N(0, 1) however many steps ran; a steady push of signal-to-noise ratio r per step gives about
+        r * sqrt(steps). With Adam, which scales each step by the gradient's running rms, a logit moved about
+        arch_lr * sqrt(steps) * z: |z| <= 2 is a move a random walk makes. Steps with larger gradients (a
+        lower Gumbel temperature) weigh more."""
+        s, q = self.grad_sum, self.grad_outer
+        var = q.diagonal(dim1=-2, dim2=-1)
+        if against is not None:
+            b = against.to(s.device).long()
+            s_b = s.gather(-1, b.unsqueeze(-1))
+            q_bb = var.gather(-1, b.unsqueeze(-1))
+            q_ab = q.gather(-1, b[..., None, None].expand(*b.shape, q.shape[-2], 1)).squeeze(-1)
+            s, var = s - s_b, var + q_bb - 2 * q_ab
+        return torch.where(var > 1e-30, -s / var.clamp_min(1e-30).sqrt(), torch.zeros_like(s))
 
     @property
     def nan_events(self) -> int:
@@ -161,7 +174,8 @@ class Architecture(nn.Module):
         out = super()._apply(fn, recurse)
         self.state.counts = fn(self.state.counts)
         device = self.logits[CELL_TYPES[0]].device  # the sums stay float64 whatever dtype the logits take
-        self.state.grad_moments = self.state.grad_moments.to(device)
+        self.state.grad_sum = self.state.grad_sum.to(device)
+        self.state.grad_outer = self.state.grad_outer.to(device)
         self.state.grad_steps = self.state.grad_steps.to(device)
         self._warmup = None
         self._drawn.clear()

@@ -193,6 +193,21 @@ def test_drift_is_a_steady_push_against_noise():
     stats = arch.statistics()
     assert stats["arch_grad_steps"] == n and stats["normal_drift"][3][5] == pytest.approx(math.sqrt(n), abs=0.01)
     assert len(stats["reduce_drift"]) == 14 and all(len(row) == 8 for row in stats["reduce_drift"])
+    # against another op: a small steady difference under a large noise both ops share shows in the contrast alone
+    arch = Architecture()
+    common, steps = torch.zeros(14, 8), []
+    for _ in range(n):
+        grads = [torch.randn(14, 8, generator=g) * 0.1 for _ in CELL_TYPES]
+        shared = torch.randn((), generator=g)
+        grads[0][7, 4], grads[0][7, 6] = shared, shared + 0.05  # op 4 pushed above op 6 by 0.05 a step
+        steps.append(torch.stack(grads).double())
+        arch.state.add_gradients(grads, torch.tensor(True))
+    against = torch.full((2, 14), 6)
+    z_vs, z = arch.state.drift(against), arch.state.drift()
+    assert z_vs[0, 7, 4] == pytest.approx(math.sqrt(n)) and abs(float(z[0, 7, 4])) < 3
+    assert z_vs[0, 7, 6] == 0.0  # an op against itself
+    d = torch.stack(steps) - torch.stack(steps)[..., 6:7]  # the contrast computed step by step
+    assert torch.allclose(z_vs, torch.where(d.pow(2).sum(0) > 0, -d.sum(0) / d.pow(2).sum(0).sqrt(), 0.0))
 
 
 def _hand_set(arch: Architecture, picks: dict) -> None:

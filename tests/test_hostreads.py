@@ -107,7 +107,7 @@ def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, sync_free, monkeyp
     state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
              for opt in (steps.weight_opt, steps.arch_opt) for p, s in opt.state.items()}
     logits = [p.detach().clone() for p in trainer.arch.parameters()]
-    moments, counted = trainer.arch.state.grad_moments.clone(), int(trainer.arch.state.grad_steps)
+    moments, counted = trainer.arch.state.grad_outer.clone(), int(trainer.arch.state.grad_steps)
     real = Steps.criterion
     monkeypatch.setattr(Steps, "criterion", lambda self, out, y: real(self, out, y) * float("nan"))
     with HostReads() as reads:
@@ -117,7 +117,7 @@ def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, sync_free, monkeyp
     now = trainer.net.state_dict()
     assert all(torch.equal(v, now[k]) for k, v in weights.items())
     assert all(torch.equal(a, b) for a, b in zip(logits, trainer.arch.parameters()))
-    assert torch.equal(moments, trainer.arch.state.grad_moments) and int(trainer.arch.state.grad_steps) == counted
+    assert torch.equal(moments, trainer.arch.state.grad_outer) and int(trainer.arch.state.grad_steps) == counted
     for opt in (steps.weight_opt, steps.arch_opt):  # momentum, Adam moments and step counts untouched
         for p, s in opt.state.items():
             assert all(torch.equal(v, s[k]) if torch.is_tensor(v) else v == s[k] for k, v in state[id(p)].items())
