@@ -15,6 +15,13 @@ Then, for every pair of runs and cell type: the correlation of their per-edge pr
 Pair a seed with another seed for consistency, and with a shuffled-label run (`--set shuffle_labels=true`) for
 what the labels add.
 
+Where the run's checkpoint (checkpoints/last.pt) holds the architecture gradients' sums (engine/arch.py
+ArchState.drift; runs of 2026-12-06 on), each derived edge also gets its drift z: how consistently the
+architecture steps pushed the chosen op's logit up, alone (`z`) and against the best other op's (`z_vs_second`,
+the contrast behind the top-1 / top-2 margin). Independent noise gives z about N(0, 1); a shuffled-label run
+(the control) shows what the search makes of noise. The summary counts the derived non-skip ops whose
+z_vs_second is at least 2: the margins the data, not the walk, put there.
+
 `--op OP` adds one row per run for that op: its mean probability per cell type at the end, on how many derived
 edges it sits, the search epochs' last training accuracy (sampled architectures) and best and last val accuracy
 (the most likely architecture), beside the run's `logit_prior`, `arch_lr`, `arch_start_epochs` and
@@ -31,9 +38,15 @@ from common import print_table, write_json  # (puts the project on sys.path)
 import numpy as np
 from planted import decidedness
 
+import os
+
+import torch
+
 from engine import report
+from engine.arch import ArchState
+from engine.checkpoint import load_checkpoint
 from engine.errors import AsoseError
-from engine.genotype import CELL_TYPES, Genotype
+from engine.genotype import CELL_TYPES, NONE, Genotype, edge_index
 from engine.ops import PARAMETER_FREE, PRIMITIVES
 
 UNIFORM = 1 / len(PRIMITIVES)
@@ -55,18 +68,53 @@ def read_run(run: str) -> tuple[Genotype, dict[str, np.ndarray], dict]:
                          f"that `aso-se search` wrote (genotype.json and metrics.jsonl)") from None
 
 
-def run_summary(genotype: Genotype, probs: dict[str, np.ndarray]) -> dict[str, dict]:
+def gradient_drift(run: str, genotype: Genotype, probs: dict[str, np.ndarray]) -> dict[str, list[dict]] | None:
+    """Per cell type and derived edge (the genotype's order): the chosen op's drift z, alone and against the best
+    other op (neither `none`, as `decidedness` picks it), from the gradient sums in the run's last checkpoint.
+    None where the checkpoint holds none (written before they were kept, or no checkpoint)."""
+    path = os.path.join(run, "checkpoints", "last.pt")
+    if not os.path.isfile(path):
+        return None
+    counters = load_checkpoint(path).get("arch_counters") or {}
+    if "grad_sum" not in counters:
+        return None
+    edges = len(probs[CELL_TYPES[0]])
+    state = ArchState(edges)
+    state.grad_sum.copy_(counters["grad_sum"])
+    state.grad_outer.copy_(counters["grad_outer"])
+    picks = {}
+    against = torch.zeros(len(CELL_TYPES), edges, dtype=torch.long)
+    for i, t in enumerate(CELL_TYPES):
+        picks[t] = []
+        for k, (op, src) in enumerate(getattr(genotype, t)):
+            e, chosen = edge_index(k // 2, src), PRIMITIVES.index(op)
+            second = max((j for j in range(len(PRIMITIVES)) if j not in (NONE, chosen)), key=lambda j: probs[t][e, j])
+            against[i, e] = second
+            picks[t].append((e, chosen, second))
+    alone, versus = state.drift().tolist(), state.drift(against).tolist()
+    return {t: [{"z": round(alone[i][e][c], 2), "second": PRIMITIVES[s], "z_vs_second": round(versus[i][e][c], 2)}
+                for e, c, s in picks[t]] for i, t in enumerate(CELL_TYPES)}
+
+
+def run_summary(genotype: Genotype, probs: dict[str, np.ndarray], drift: dict | None = None) -> dict[str, dict]:
     """Per cell type: the derived non-skip ops' probabilities, how many are at twice uniform, the smallest
-    margin and the mean entropy."""
+    margin and the mean entropy; with `drift` (gradient_drift), each derived edge's z and how many non-skip
+    ops hold their margin at z_vs_second >= 2."""
     decided = decidedness(genotype, {t: probs[t].tolist() for t in CELL_TYPES})
     out = {}
     for t in CELL_TYPES:
-        ps = [e["p"] for e in decided[t] if e["op"] != "skip_connect"]
+        edges = [{**e, **drift[t][k]} for k, e in enumerate(decided[t])] if drift else decided[t]
+        non_skip = [e for e in edges if e["op"] != "skip_connect"]
+        ps = [e["p"] for e in non_skip]
+        zs = [e["z_vs_second"] for e in non_skip] if drift else []
         p = np.clip(probs[t], 1e-12, 1.0)
         out[t] = {"non_skip": len(ps), "at_twice_uniform": sum(v >= 2 * UNIFORM for v in ps),
                   "p_min": min(ps, default=None), "p_max": max(ps, default=None),
                   "margin_min": min(e["margin"] for e in decided[t]),
-                  "mean_entropy": float(np.mean(-(p * np.log(p)).sum(axis=1))), "edges": decided[t]}
+                  "mean_entropy": float(np.mean(-(p * np.log(p)).sum(axis=1))),
+                  "z_vs_second_at_2": sum(z >= 2 for z in zs) if drift else None,
+                  "z_vs_second_min": min(zs, default=None), "z_vs_second_max": max(zs, default=None),
+                  "edges": edges}
     return out
 
 
@@ -114,17 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     except AsoseError as e:
         print(f"decided: error: {e}", file=sys.stderr)
         return e.exit_code
-    summaries = {run: run_summary(*runs[run][:2]) for run in args.runs}
+    try:
+        summaries = {run: run_summary(*runs[run][:2], gradient_drift(run, *runs[run][:2])) for run in args.runs}
+    except AsoseError as e:
+        print(f"decided: error: {e}", file=sys.stderr)
+        return e.exit_code
     rows = []
     for run, s in summaries.items():
         for t in CELL_TYPES:
             c = s[t]
             rows.append({"run": run, "cell": t, "non_skip": c["non_skip"], "at_2x_uniform": c["at_twice_uniform"],
                          "p_range": "-" if c["p_min"] is None else f"{c['p_min']:.3f}-{c['p_max']:.3f}",
-                         "margin_min": c["margin_min"], "entropy": c["mean_entropy"]})
-    print_table(rows, ["run", "cell", "non_skip", "at_2x_uniform", "p_range", "margin_min", "entropy"],
-                title=f"derived edges that are not skip_connect, and how many have p >= {2 * UNIFORM:.3f} (twice "
-                      f"uniform)")
+                         "margin_min": c["margin_min"], "entropy": c["mean_entropy"],
+                         "z_at_2": "-" if c["z_vs_second_at_2"] is None else c["z_vs_second_at_2"],
+                         "z_range": "-" if c["z_vs_second_min"] is None
+                         else f"{c['z_vs_second_min']:+.2f}..{c['z_vs_second_max']:+.2f}"})
+    print_table(rows, ["run", "cell", "non_skip", "at_2x_uniform", "p_range", "margin_min", "entropy", "z_at_2",
+                       "z_range"],
+                title=f"derived edges that are not skip_connect: how many have p >= {2 * UNIFORM:.3f} (twice "
+                      f"uniform), and how many hold their margin over the next op at drift z >= 2 (z_range: "
+                      f"theirs; '-': no gradient sums in the checkpoint)")
     pairs = []
     for a, b in itertools.combinations(args.runs, 2):
         for t in CELL_TYPES:

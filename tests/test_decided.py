@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from engine.genotype import CELL_TYPES, Genotype, edge_index, num_edges
@@ -82,3 +83,39 @@ def test_op_rows_read_the_runs_start_its_accuracies_and_the_ops_probability(tmp_
     assert row["p_normal"] == pytest.approx(0.125) and row["p_reduce"] == pytest.approx(0.475)
     assert row["derived_normal"] == 4 and row["derived_reduce"] == 8
     assert "max_pool_3x3: mean probability" in capsys.readouterr().out
+
+
+def test_each_derived_edge_gets_its_drift_against_the_next_op(tmp_path, capsys):
+    """The normal cell's derived sep3 on edge 0 was pushed above the next op (max_pool) at every step; the one on
+    edge 2 only by noise. Without gradient sums in the checkpoint the columns say so ('-')."""
+    from engine.arch import ArchState
+    from engine.checkpoint import save_checkpoint
+    pairs = [("sep_conv_3x3", 0), ("skip_connect", 1)] * 4
+    g = Genotype(pairs, [2, 3, 4, 5], pairs, [2, 3, 4, 5])
+    probs = {t: np.full((num_edges(4), 8), 1 / 8) for t in CELL_TYPES}
+    MAX3 = PRIMITIVES.index("max_pool_3x3")
+    for e in (0, 2):
+        probs["normal"][e] = 0.1
+        probs["normal"][e, SEP3], probs["normal"][e, MAX3] = 0.25, 0.15
+        probs["normal"][e] /= probs["normal"][e].sum()
+    run = fake_run(tmp_path / "run", g, probs)
+    state, gen = ArchState(num_edges(4)), torch.Generator().manual_seed(0)
+    for _ in range(100):
+        grads = [torch.randn(num_edges(4), 8, generator=gen) for _ in CELL_TYPES]
+        grads[0][0, SEP3] = grads[0][0, MAX3] - 0.5    # edge 0: sep3 pushed up against max_pool at every step
+        state.add_gradients(grads, torch.tensor(True))
+    required = dict(config={}, spec={}, phase_index=0, epoch=0, supernet={}, arch={})
+    save_checkpoint({**required, "arch_counters": {"grad_sum": state.grad_sum, "grad_outer": state.grad_outer,
+                                                   "grad_steps": 100}}, str(tmp_path / "run" / "checkpoints" / "last.pt"))
+    plain = fake_run(tmp_path / "plain", g, probs)
+    out = tmp_path / "d.json"
+    assert decided.main([run, plain, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    normal = data["runs"][run]["normal"]
+    first, second = normal["edges"][0], normal["edges"][2]   # derived pairs 0 and 2: edges 0 and 2 (node 0, node 1)
+    assert first["second"] == second["second"] == "max_pool_3x3"
+    assert first["z_vs_second"] == pytest.approx(10.0) and abs(second["z_vs_second"]) < 3
+    assert normal["z_vs_second_at_2"] == sum(e["z_vs_second"] >= 2 for e in normal["edges"] if e["op"] != "skip_connect")
+    assert normal["z_vs_second_max"] == pytest.approx(10.0)
+    assert data["runs"][plain]["normal"]["z_vs_second_at_2"] is None
+    assert "drift z" in capsys.readouterr().out
