@@ -26,6 +26,8 @@ import html
 import json
 import os
 
+import numpy as np
+
 from .genotype import Genotype
 from .errors import DataError
 from .ops import PRIMITIVES
@@ -182,6 +184,36 @@ def architecture(run: dict, out: str) -> list[str] | None:
     fig.colorbar(image, ax=axes, shrink=0.6, label="softmax(logits)")
     fig.suptitle("architecture: op probability per edge at the end of each supernet epoch")
     return _save(fig, out, "architecture")
+
+
+def drift(run: dict, out: str) -> list[str] | None:
+    """Heatmaps of the last supernet epoch's drift z per edge and op (engine/arch.py ArchState.drift): how
+    consistently the architecture steps pushed each logit up (red) or down (blue). |z| <= 2 is what a random
+    walk of as many steps gives, so those cells are drawn pale: a probability there moved by noise."""
+    last = next((r for r in reversed(run["epochs"]) if r.get("drift")), None)
+    if last is None:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 5.2), squeeze=False)
+    edges = len(last["drift"]["normal"])
+    labels = [f"{dst} <- " + (f"${src}$" if src.startswith("c_") else src) for dst, src in _edge_names(edges)]
+    image = None
+    for col, t in enumerate(CELL_TYPES):
+        z = np.array(last["drift"][t], dtype=float)
+        ax = axes[0][col]
+        image = ax.imshow(np.clip(z, -5, 5), vmin=-5, vmax=5, cmap="RdBu_r", aspect="auto",
+                          alpha=np.where(np.abs(z) > 2, 1.0, 0.35))
+        for (e, k), v in np.ndenumerate(z):
+            if abs(v) > 2:
+                ax.text(k, e, f"{v:.0f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(PRIMITIVES)), [_short(p) for p in PRIMITIVES], rotation=90, fontsize=7)
+        ax.set_yticks(range(edges), labels if col == 0 else [""] * edges, fontsize=7)
+        ax.set_title(f"{t} cell", fontsize=9)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="drift z (clipped at 5)")
+    fig.suptitle(f"what the data pushed: each logit's drift z over {last.get('arch_grad_steps', '?')} architecture "
+                 f"steps, to {last['phase']} {last['epoch']}/{last['epochs']} (pale: |z| <= 2, a random walk's)",
+                 fontsize=9)
+    return _save(fig, out, "drift")
 
 
 def sampling(run: dict, out: str) -> list[str] | None:
@@ -394,6 +426,9 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     arch = architecture(run, out)
     if arch:
         parts.append("<h2>Architecture during the search</h2>" + _img(arch[0], "op probabilities per edge"))
+    pushed = drift(run, out)
+    if pushed:
+        parts.append(_img(pushed[0], "drift z of each logit over the architecture steps"))
     parts.append(_img(sampling(run, out)[0], "mean entropy and sampled-op histogram"))
     if run["growth"]:
         cols = ["global_epoch", "event", "params_before", "params_after", "max_abs_diff", "grow_s", "recompiles",

@@ -22,7 +22,7 @@ from engine.trainer import Trainer
 # one epoch per phase, growth included (one event), flip TTA on so the export must fold it in, and the derived
 # network trained wider than the supernet (as the main job does), so its spec is not the supernet's
 SMOKE = ["steps_per_epoch=4", "optimize_epochs=1", "test_flip=true", "optimize_init=fresh", "optimize_channels=6"]
-FIGURES = ["curves", "architecture", "sampling", "cell_normal", "cell_reduce"]
+FIGURES = ["curves", "architecture", "drift", "sampling", "cell_normal", "cell_reduce"]
 
 
 @pytest.fixture(scope="module")
