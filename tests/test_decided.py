@@ -118,4 +118,9 @@ def test_each_derived_edge_gets_its_drift_against_the_next_op(tmp_path, capsys):
     assert normal["z_vs_second_at_2"] == sum(e["z_vs_second"] >= 2 for e in normal["edges"] if e["op"] != "skip_connect")
     assert normal["z_vs_second_max"] == pytest.approx(10.0)
     assert data["runs"][plain]["normal"]["z_vs_second_at_2"] is None
+    # every edge's contrasts: noise among the convolutions (rms about 1), and edge 0's max_pool pushed below sep3
+    assert set(data["contrasts"]) == {run}
+    normal = data["contrasts"][run]["normal"]
+    assert normal["conv_pairs"] == 6 * num_edges(4) and 0.7 < normal["conv_rms"] < 1.3
+    assert normal["pool_beyond_2"] >= 1 / (2 * 4 * num_edges(4))
     assert "drift z" in capsys.readouterr().out
