@@ -122,5 +122,5 @@ def test_each_derived_edge_gets_its_drift_against_the_next_op(tmp_path, capsys):
     assert set(data["contrasts"]) == {run}
     normal = data["contrasts"][run]["normal"]
     assert normal["conv_pairs"] == 6 * num_edges(4) and 0.7 < normal["conv_rms"] < 1.3
-    assert normal["pool_beyond_2"] >= 1 / (2 * 4 * num_edges(4))
+    assert normal["max3_down"] >= 1 / (4 * num_edges(4)) and normal["max3_up"] < 0.2
     assert "drift z" in capsys.readouterr().out
