@@ -7,7 +7,7 @@ Each RUN is a search's run directory: its genotype.json (the derived genotype, w
 last record of its metrics.jsonl that holds the op probabilities. Per run and cell type it prints:
 - the derived edges whose op is not skip_connect, and how many of them have probability >= 2/8, twice uniform
   over the 8 ops (issue 29's bar for the main job), with the range of those probabilities;
-- the smallest top-1 / top-2 margin over the derived edges (bench/planted.py's `decidedness`), and the mean
+- the smallest top-1 / top-2 margin over the derived edges (`Genotype.decidedness`), and the mean
   entropy of every edge's distribution (ln 8 = 2.079 is uniform).
 Then, for every pair of runs and cell type: the correlation of their per-edge probabilities of skip_connect
 (what the supernet learns first), and on how many of the 14 edges their most likely convolution is the same
@@ -16,7 +16,8 @@ Pair a seed with another seed for consistency, and with a shuffled-label run (`-
 what the labels add.
 
 Where the run's checkpoint (checkpoints/last.pt) holds the architecture gradients' sums (engine/arch.py
-ArchState.drift; runs of 2026-12-06 on), each derived edge also gets its drift z: how consistently the
+ArchState.drift; runs of 2026-12-06 on; the run report's table "How decided the derived cells are" is the same
+reading), each derived edge also gets its drift z: how consistently the
 architecture steps pushed the chosen op's logit up, alone (`z`) and against the best other op's (`z_vs_second`,
 the contrast behind the top-1 / top-2 margin). Independent noise gives z about N(0, 1); a shuffled-label run
 (the control) shows what the search makes of noise. The summary counts the derived non-skip ops whose
@@ -36,17 +37,12 @@ import sys
 
 from common import print_table, write_json  # (puts the project on sys.path)
 import numpy as np
-from planted import decidedness
-
-import os
-
 import torch
 
 from engine import report
 from engine.arch import ArchState
-from engine.checkpoint import load_checkpoint
 from engine.errors import AsoseError
-from engine.genotype import CELL_TYPES, NONE, Genotype, edge_index
+from engine.genotype import CELL_TYPES, Genotype
 from engine.ops import PARAMETER_FREE, PRIMITIVES
 
 UNIFORM = 1 / len(PRIMITIVES)
@@ -66,41 +62,6 @@ def read_run(run: str) -> tuple[Genotype, dict[str, np.ndarray], dict]:
     except (ValueError, KeyError, TypeError, AsoseError) as e:
         raise AsoseError(f"{run}: not a finished search's run directory ({e.__class__.__name__}: {e}); pass one "
                          f"that `aso-se search` wrote (genotype.json and metrics.jsonl)") from None
-
-
-def load_gradients(run: str) -> ArchState | None:
-    """The architecture gradients' sums from the run's last checkpoint; None where it holds none (written before
-    they were kept, or no checkpoint)."""
-    path = os.path.join(run, "checkpoints", "last.pt")
-    if not os.path.isfile(path):
-        return None
-    counters = load_checkpoint(path).get("arch_counters") or {}
-    if "grad_sum" not in counters:
-        return None
-    try:
-        state = ArchState(counters["grad_sum"].shape[1])
-        state.grad_sum.copy_(counters["grad_sum"])
-        state.grad_outer.copy_(counters["grad_outer"])
-    except (AttributeError, IndexError, RuntimeError, TypeError) as e:
-        raise AsoseError(f"{path}: damaged gradient sums in arch_counters ({e}); rerun the search") from None
-    return state
-
-
-def gradient_drift(state: ArchState, genotype: Genotype, probs: dict[str, np.ndarray]) -> dict[str, list[dict]]:
-    """Per cell type and derived edge (the genotype's order): the chosen op's drift z, alone and against the best
-    other op (neither `none`, as `decidedness` picks it)."""
-    picks = {}
-    against = torch.zeros(len(CELL_TYPES), state.grad_sum.shape[1], dtype=torch.long)
-    for i, t in enumerate(CELL_TYPES):
-        picks[t] = []
-        for k, (op, src) in enumerate(getattr(genotype, t)):
-            e, chosen = edge_index(k // 2, src), PRIMITIVES.index(op)
-            second = max((j for j in range(len(PRIMITIVES)) if j not in (NONE, chosen)), key=lambda j: probs[t][e, j])
-            against[i, e] = second
-            picks[t].append((e, chosen, second))
-    alone, versus = state.drift().tolist(), state.drift(against).tolist()
-    return {t: [{"z": round(alone[i][e][c], 2), "second": PRIMITIVES[s], "z_vs_second": round(versus[i][e][c], 2)}
-                for e, c, s in picks[t]] for i, t in enumerate(CELL_TYPES)}
 
 
 PARAM_FREE = [PRIMITIVES.index(op) for op in ("skip_connect", "max_pool_3x3", "avg_pool_3x3")]
@@ -130,14 +91,15 @@ def contrasts(state: ArchState) -> dict[str, dict]:
 SHORT = {"skip_connect": "skip", "max_pool_3x3": "max3", "avg_pool_3x3": "avg3"}
 
 
-def run_summary(genotype: Genotype, probs: dict[str, np.ndarray], drift: dict | None = None) -> dict[str, dict]:
+def run_summary(genotype: Genotype, probs: dict[str, np.ndarray], grads: ArchState | None = None) -> dict[str, dict]:
     """Per cell type: the derived non-skip ops' probabilities, how many are at twice uniform, the smallest
-    margin and the mean entropy; with `drift` (gradient_drift), each derived edge's z and how many non-skip
-    ops hold their margin at z_vs_second >= 2."""
-    decided = decidedness(genotype, {t: probs[t].tolist() for t in CELL_TYPES})
+    margin and the mean entropy; with `grads` (the run's gradient sums), each derived edge's drift z
+    (engine/report.py `decided_edges`) and how many non-skip ops hold their margin at z_vs_second >= 2."""
+    decided = report.decided_edges(genotype, {t: probs[t].tolist() for t in CELL_TYPES}, grads)
+    drift = grads is not None
     out = {}
     for t in CELL_TYPES:
-        edges = [{**e, **drift[t][k]} for k, e in enumerate(decided[t])] if drift else decided[t]
+        edges = decided[t]
         non_skip = [e for e in edges if e["op"] != "skip_connect"]
         ps = [e["p"] for e in non_skip]
         zs = [e["z_vs_second"] for e in non_skip] if drift else []
@@ -197,12 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decided: error: {e}", file=sys.stderr)
         return e.exit_code
     try:
-        grads = {run: load_gradients(run) for run in args.runs}
+        grads = {run: report.read_gradients(run) for run in args.runs}
     except AsoseError as e:
         print(f"decided: error: {e}", file=sys.stderr)
         return e.exit_code
-    summaries = {run: run_summary(*runs[run][:2], None if grads[run] is None
-                                  else gradient_drift(grads[run], *runs[run][:2])) for run in args.runs}
+    summaries = {run: run_summary(*runs[run][:2], grads[run]) for run in args.runs}
     rows = []
     for run, s in summaries.items():
         for t in CELL_TYPES:

@@ -41,7 +41,7 @@ from common import print_table, write_json
 from search_quality import search, search_dir, summarize, train
 
 from engine import report
-from engine.genotype import CELL_TYPES, NONE, Genotype, edge_index, num_edges
+from engine.genotype import CELL_TYPES, Genotype, num_edges
 from engine.ops import PRIMITIVES
 from engine.cli import TRAIN_ONLY
 from engine.config import preset
@@ -75,18 +75,9 @@ def homogeneous(op: str, nodes: int = 4) -> Genotype:
 
 
 def decidedness(genotype: Genotype, probabilities: dict[str, list[list[float]]]) -> dict[str, list[dict]]:
-    """Per derived edge: its op's probability, the best other op's (neither `none`), and the margin."""
-    out = {}
-    for t in CELL_TYPES:
-        rows = []
-        for k, (op, src) in enumerate(getattr(genotype, t)):
-            p = probabilities[t][edge_index(k // 2, src)]
-            chosen = PRIMITIVES.index(op)
-            other = max(v for i, v in enumerate(p) if i not in (NONE, chosen))
-            rows.append({"op": op, "input": src, "p": round(p[chosen], 4), "p_second": round(other, 4),
-                         "margin": round(p[chosen] - other, 4)})
-        out[t] = rows
-    return out
+    """Per derived edge: its op's probability, the best other op's (neither `none`), and the margin
+    (`Genotype.decidedness`, which the run report shares)."""
+    return genotype.decidedness(probabilities)
 
 
 def decided_for(family, probabilities: dict[str, list[list[float]]], p_min: float = 0.5) -> dict[str, int]:

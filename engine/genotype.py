@@ -122,6 +122,23 @@ class Genotype:
         collapse DARTS users report (AutoDL-Projects#58, PC-DARTS#21)."""
         return self.share(PARAMETER_FREE)
 
+    def decidedness(self, probabilities: dict[str, list[list[float]]]) -> dict[str, list[dict]]:
+        """Per cell type and derived edge (this genotype's order): the edge's index, its op's probability, the best
+        other op (neither `none`) with its probability, and the margin between the two (negative where a cap
+        chose an op below another)."""
+        out = {}
+        for t in CELL_TYPES:
+            rows = []
+            for k, (op, src) in enumerate(getattr(self, t)):
+                e = edge_index(k // 2, src)
+                p, chosen = probabilities[t][e], PRIMITIVES.index(op)
+                second = max((i for i in range(len(p)) if i not in (NONE, chosen)), key=lambda i: p[i])
+                rows.append({"op": op, "input": src, "edge": e, "p": round(p[chosen], 4),
+                             "second": PRIMITIVES[second], "p_second": round(p[second], 4),
+                             "margin": round(p[chosen] - p[second], 4)})
+            out[t] = rows
+        return out
+
     def to_json(self) -> dict:
         return {"normal": [list(x) for x in self.normal], "normal_concat": self.normal_concat,
                 "reduce": [list(x) for x in self.reduce], "reduce_concat": self.reduce_concat}

@@ -27,9 +27,12 @@ import json
 import os
 
 import numpy as np
+import torch
 
+from .arch import ArchState
+from .checkpoint import load_checkpoint
 from .genotype import Genotype
-from .errors import DataError
+from .errors import AsoseError, DataError
 from .ops import PRIMITIVES
 
 CELL_TYPES = ("normal", "reduce")
@@ -76,6 +79,45 @@ def read_run(run_dir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ figures
+def read_gradients(run_dir: str) -> ArchState | None:
+    """The architecture steps' gradient sums (ArchState: each logit's drift) from the run's last checkpoint; None
+    where it holds none (written before 2026-12-06, a run without architecture steps, or no checkpoint)."""
+    path = os.path.join(run_dir, "checkpoints", "last.pt")
+    if not os.path.isfile(path):
+        return None
+    counters = load_checkpoint(path).get("arch_counters") or {}
+    if "grad_sum" not in counters:
+        return None
+    try:
+        state = ArchState(counters["grad_sum"].shape[1])
+        state.grad_sum.copy_(counters["grad_sum"])
+        state.grad_outer.copy_(counters["grad_outer"])
+        state.grad_steps.fill_(counters["grad_steps"])
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError) as e:
+        raise DataError(f"{path}: damaged gradient sums in arch_counters ({e}); rerun the search") from None
+    return state
+
+
+def decided_edges(genotype: Genotype, probabilities: dict[str, list[list[float]]],
+                  state: ArchState | None = None) -> dict[str, list[dict]]:
+    """`Genotype.decidedness`'s rows (per derived edge: op, p, the next op, its p, the margin), each with the
+    chosen op's drift z alone and against the next op (`z`, `z_vs_second`) where `state` holds the run's
+    gradient sums: whether the data, and not a random walk, put the margin there."""
+    rows = genotype.decidedness(probabilities)
+    if state is None:
+        return rows
+    against = torch.zeros(len(CELL_TYPES), state.grad_sum.shape[1], dtype=torch.long)
+    for i, t in enumerate(CELL_TYPES):
+        for r in rows[t]:   # a node reads two different inputs: no edge is derived twice
+            against[i, r["edge"]] = PRIMITIVES.index(r["second"])
+    alone, versus = state.drift().tolist(), state.drift(against).tolist()
+    for i, t in enumerate(CELL_TYPES):
+        for r in rows[t]:
+            c = PRIMITIVES.index(r["op"])
+            r["z"], r["z_vs_second"] = round(alone[i][r["edge"]][c], 2), round(versus[i][r["edge"]][c], 2)
+    return rows
+
+
 def _plt():
     import matplotlib
     matplotlib.use("Agg")
@@ -367,6 +409,34 @@ def cell_figure(genotype: Genotype, cell_type: str, out: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ the page
+def _decided_section(run: dict, run_dir: str, genotype: Genotype | None) -> str | None:
+    """How decided the derived cells are: per derived edge its op's probability against the next op's and, from
+    the checkpoint's gradient sums, the drift z of that margin. None without a genotype or probabilities."""
+    probs = next((r["probs"] for r in reversed(run["epochs"]) if r.get("probs")), None)
+    if genotype is None or probs is None:
+        return None
+    note = ""
+    try:
+        state = read_gradients(run_dir)
+    except AsoseError as e:
+        state, note = None, f" (no drift: {e})"
+    if state is None and not note:
+        has = os.path.isfile(os.path.join(run_dir, "checkpoints", "last.pt"))
+        note = f" (no drift: {'the checkpoint holds no gradient sums' if has else 'no checkpoints/last.pt'})"
+    names = _edge_names(len(probs[CELL_TYPES[0]]))
+    rows = [{"cell": t, "edge": f"{names[r['edge']][0]} <- {names[r['edge']][1]}", **r}
+            for t, cell in decided_edges(genotype, probs, state).items() for r in cell]
+    held = [r for r in rows if r["op"] != "skip_connect" and r.get("z_vs_second", -1) >= 2]
+    twice = [r for r in rows if r["op"] != "skip_connect" and r["p"] >= 2 / len(PRIMITIVES)]
+    free = sum(r["op"] != "skip_connect" for r in rows)
+    summary = (f"Of the {free} derived ops other than skip_connect, {len(twice)} have p >= {2 / len(PRIMITIVES):.2f} "
+               f"(twice uniform)" + ("" if state is None else
+                                    f" and {len(held)} hold their margin over the next op at drift z >= 2 (a random "
+                                    f"walk stays within 2)") + f".{note}")
+    cols = ["cell", "edge", "op", "p", "second", "p_second", "margin"] + ([] if state is None else ["z", "z_vs_second"])
+    return f"<h2>How decided the derived cells are</h2><p>{html.escape(summary)}</p>" + _table(rows, cols)
+
+
 def _table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
@@ -429,6 +499,9 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     pushed = drift(run, out)
     if pushed:
         parts.append(_img(pushed[0], "drift z of each logit over the architecture steps"))
+    decided = _decided_section(run, run_dir, genotype)
+    if decided:
+        parts.append(decided)
     parts.append(_img(sampling(run, out)[0], "mean entropy and sampled-op histogram"))
     if run["growth"]:
         cols = ["global_epoch", "event", "params_before", "params_after", "max_abs_diff", "grow_s", "recompiles",

@@ -54,6 +54,22 @@ def test_report_of_a_finished_run_has_every_figure_and_the_page_shows_them(smoke
     assert f"{100 * final['test_acc']:.2f}%" in page and "Growth events" in page
 
 
+def test_the_page_says_how_decided_each_derived_edge_is_and_what_the_data_pushed(smoke_run, tmp_path):
+    """A table of every derived edge: its op's probability against the next op's, and the drift z of that margin
+    from the checkpoint's gradient sums; without the checkpoint (an unfinished copy below) it says there is no
+    drift, and a damaged checkpoint is named, not a failed report."""
+    page = open(write_report(str(smoke_run), str(tmp_path / "report"))).read()
+    assert "How decided the derived cells are" in page and "<th>z_vs_second</th>" in page
+    assert page.count("<td>normal</td>") == 8 and page.count("<td>reduce</td>") == 8   # 8 derived edges a cell
+    held = re.search(r"(\d+) hold their margin over the next op at drift z &gt;= 2", page)
+    assert held is not None
+    run = tmp_path / "copy"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("tensorboard", "report"))
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    page = open(write_report(str(run))).read()
+    assert "(no drift:" in page and "last.pt" in page and "<th>z_vs_second</th>" not in page
+
+
 def test_the_cell_diagrams_hold_every_op_of_the_genotype(smoke_run, tmp_path):
     write_report(str(smoke_run), str(tmp_path))
     genotype = json.loads((smoke_run / "genotype.json").read_text())
@@ -86,6 +102,7 @@ def test_report_of_an_unfinished_run_and_of_no_run(smoke_run, tmp_path, capsys):
     (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # warmup and search so far
     page = open(write_report(str(run))).read()
     assert "unfinished: 2 epoch(s) so far" in page and (run / "report" / "architecture.png").is_file()
+    assert "no drift: no checkpoints/last.pt" in page   # copied without checkpoints/
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="no metrics.jsonl"):
