@@ -63,6 +63,17 @@ def test_a_directory_that_is_no_run_is_one_line(tmp_path, capsys):
     assert "not a finished search's run directory" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    pairs = [("sep_conv_3x3", 0), ("skip_connect", 1)] * 4
+    g = Genotype(pairs, [2, 3, 4, 5], pairs, [2, 3, 4, 5])
+    run = fake_run(tmp_path / "run", g, {t: np.full((num_edges(4), 8), 1 / 8) for t in CELL_TYPES})
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"\x00" * 64)
+    assert decided.main([run]) == 2
+    err = capsys.readouterr().err
+    assert "last.pt" in err and "damaged" in err and len(err.strip().splitlines()) == 1
+
+
 def test_op_rows_read_the_runs_start_its_accuracies_and_the_ops_probability(tmp_path, capsys):
     pairs = [("max_pool_3x3", 0), ("skip_connect", 1)] * 4
     g = Genotype(pairs, [2, 3, 4, 5], [("max_pool_3x3", 0), ("max_pool_3x3", 1)] * 4, [2, 3, 4, 5])
