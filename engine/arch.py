@@ -101,8 +101,9 @@ class ArchState:
         return self
 
     def add_gradients(self, grads: list[torch.Tensor], ok: torch.Tensor) -> None:
-        """Count one architecture step's logit gradients (one per cell type, CELL_TYPES' order) where `ok`
-        (a device bool: the step was applied); on the device, no host read."""
+        """Count one architecture step's logit gradients (one per cell type, CELL_TYPES' order; the cost term's
+        included where the search has one, averaged over the ranks in data-parallel runs) where `ok` (a device
+        bool: the step was applied); on the device, no host read."""
         g = torch.where(ok, torch.stack([x.detach() for x in grads]).to(self.grad_sum.dtype), 0.0)
         self.grad_sum += g
         self.grad_outer += g.unsqueeze(-1) * g.unsqueeze(-2)
