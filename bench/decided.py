@@ -17,11 +17,14 @@ what the labels add.
 
 Where the run's checkpoint (checkpoints/last.pt) holds the architecture gradients' sums (engine/arch.py
 ArchState.drift; runs of 2026-12-06 on; the run report's table "How decided the derived cells are" is the same
-reading), each derived edge also gets its drift z: how consistently the
-architecture steps pushed the chosen op's logit up, alone (`z`) and against the best other op's (`z_vs_second`,
-the contrast behind the top-1 / top-2 margin). Independent noise gives z about N(0, 1); a shuffled-label run
-(the control) shows what the search makes of noise. The summary counts the derived non-skip ops whose
-z_vs_second is at least 2: the margins the data, not the walk, put there.
+reading), each derived edge also gets its drift z: how consistently the architecture steps pushed the chosen op's
+logit up, alone (`z`) and against the best other op's (`z_vs_second`, the contrast behind the top-1 / top-2
+margin). Independent noise gives z about N(0, 1); a shuffled-label run (the control) shows what the search makes
+of noise. The summary counts the derived non-skip ops whose z_vs_second is at least 2: margins a consistent push,
+not the walk, put there. A second table, "what the data pushed", reads every edge: each convolution against each
+other one (rms z and the share beyond |z| 2: noise gives 1 and 4.6%), and skip, max pool and avg pool against each
+convolution (the shares above 2 and below -2). A consistent push can be the task's or the supernet's own (an op
+trained more wins more; memorising shuffled labels favours parameters): seeds and controls tell which.
 
 `--op OP` adds one row per run for that op: its mean probability per cell type at the end, on how many derived
 edges it sits, the search epochs' last training accuracy (sampled architectures) and best and last val accuracy
