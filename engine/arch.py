@@ -109,6 +109,17 @@ class ArchState:
         self.grad_outer += g.unsqueeze(-1) * g.unsqueeze(-2)
         self.grad_steps += ok.to(self.grad_steps.dtype)
 
+    def gradient_sums(self) -> dict:
+        """The gradient sums as a checkpoint keeps them (host tensors and an int: one host read)."""
+        return {"grad_sum": self.grad_sum.cpu(), "grad_outer": self.grad_outer.cpu(), "grad_steps": int(self.grad_steps)}
+
+    def load_gradient_sums(self, saved: dict) -> None:
+        """Put back what `gradient_sums` gave (a checkpoint's `arch_counters`); raises RuntimeError, TypeError or
+        KeyError where the saved sums are damaged or of another shape."""
+        self.grad_sum.copy_(saved["grad_sum"])
+        self.grad_outer.copy_(saved["grad_outer"])
+        self.grad_steps.fill_(saved["grad_steps"])
+
     def drift(self, against: torch.Tensor | None = None) -> torch.Tensor:
         """Per cell type, edge and op: how consistently the architecture steps pushed the logit up,
         z = -sum(g) / sqrt(sum(g^2)) (0 where no gradient arrived); with `against` (op indices, cell type x

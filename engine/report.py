@@ -90,9 +90,7 @@ def read_gradients(run_dir: str) -> ArchState | None:
         return None
     try:
         state = ArchState(counters["grad_sum"].shape[1])
-        state.grad_sum.copy_(counters["grad_sum"])
-        state.grad_outer.copy_(counters["grad_outer"])
-        state.grad_steps.fill_(counters["grad_steps"])
+        state.load_gradient_sums(counters)
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError) as e:
         raise DataError(f"{path}: damaged gradient sums in arch_counters ({e}); rerun the search") from None
     return state

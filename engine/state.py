@@ -67,9 +67,7 @@ def save_run(path: str, run: Run, progress: Progress, metrics_lines: int) -> Non
         "arch_stream": list(progress.arch_stream),
         "supernet": sup.net.state_dict(), "arch": arch.state_dict(), "tau": arch.tau, "skip_bias": arch.skip_bias,
         "arch_counters": {**dict(zip(("nan_events", "repaired_rows"), arch.state.counts.tolist())),
-                          "histogram": arch.state.histogram, "grad_sum": arch.state.grad_sum.cpu(),
-                          "grad_outer": arch.state.grad_outer.cpu(),
-                          "grad_steps": int(arch.state.grad_steps)},
+                          "histogram": arch.state.histogram, **arch.state.gradient_sums()},
         "weight_opt": sup.opt.state_dict(), "arch_opt": run.arch_opt.state_dict(),
         "final_genotype": None, "final_net": None, "final_opt": None,
         "rng": {"torch": torch.get_rng_state(), "gumbel": run.gumbel.get_state(),
@@ -126,10 +124,8 @@ def restore_run(path: str, run: Run) -> tuple[Progress, int]:
     arch.state.histogram = counters["histogram"]
     if "grad_sum" in counters:  # absent in checkpoints written before the drift was recorded: it restarts
         try:
-            arch.state.grad_sum.copy_(counters["grad_sum"])
-            arch.state.grad_outer.copy_(counters["grad_outer"])
-            arch.state.grad_steps.fill_(counters["grad_steps"])
-        except (RuntimeError, TypeError) as e:
+            arch.state.load_gradient_sums(counters)
+        except (KeyError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{path}: incompatible checkpoint (arch_counters: {str(e).splitlines()[0][:160]})") \
                 from None
     progress = Progress(phase_index=state["phase_index"], epoch=state["epoch"], global_epoch=state["global_epoch"],
