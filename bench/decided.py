@@ -67,7 +67,7 @@ def read_run(run: str) -> tuple[Genotype, dict[str, np.ndarray], dict]:
                          f"that `aso-se search` wrote (genotype.json and metrics.jsonl)") from None
 
 
-PARAM_FREE = [PRIMITIVES.index(op) for op in ("skip_connect", "max_pool_3x3", "avg_pool_3x3")]
+FREE = {"skip_connect": "skip", "max_pool_3x3": "max3", "avg_pool_3x3": "avg3"}  # PARAMETER_FREE but `none`
 
 
 def contrasts(state: ArchState) -> dict[str, dict]:
@@ -76,22 +76,16 @@ def contrasts(state: ArchState) -> dict[str, dict]:
     convolution (shares above 2 and below -2). Noise alone gives each z about N(0, 1): rms 1, 2.3% above 2 and
     2.3% below -2. What the data decide shows as more."""
     edges = state.grad_sum.shape[1]
-
-    def z(a: int, b: int) -> np.ndarray:   # op a against op b on every edge, both cell types
-        return state.drift(torch.full((len(CELL_TYPES), edges), b)).numpy()[:, :, a]
-
-    conv = np.concatenate([z(a, b) for a, b in itertools.combinations(CONVS, 2)], axis=1)
+    # every op against each convolution b on every edge, both cell types: [b] -> (cell types, edges, ops)
+    vs = {b: state.drift(torch.full((len(CELL_TYPES), edges), b)).numpy() for b in CONVS}
+    conv = np.concatenate([vs[b][:, :, a] for a, b in itertools.combinations(CONVS, 2)], axis=1)
     out = {t: {"conv_pairs": int(conv.shape[1]), "conv_rms": float(np.sqrt((conv[i] ** 2).mean())),
                "conv_beyond_2": float((np.abs(conv[i]) > 2).mean())} for i, t in enumerate(CELL_TYPES)}
-    for a in PARAM_FREE:
-        free = np.concatenate([z(a, b) for b in CONVS], axis=1)
+    for op, name in FREE.items():
+        free = np.concatenate([vs[b][:, :, PRIMITIVES.index(op)] for b in CONVS], axis=1)
         for i, t in enumerate(CELL_TYPES):
-            name = SHORT[PRIMITIVES[a]]
             out[t][f"{name}_up"], out[t][f"{name}_down"] = float((free[i] > 2).mean()), float((free[i] < -2).mean())
     return out
-
-
-SHORT = {"skip_connect": "skip", "max_pool_3x3": "max3", "avg_pool_3x3": "avg3"}
 
 
 def run_summary(genotype: Genotype, probs: dict[str, np.ndarray], grads: ArchState | None = None) -> dict[str, dict]:
@@ -158,10 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         runs = {run: read_run(run) for run in args.runs}
-    except AsoseError as e:
-        print(f"decided: error: {e}", file=sys.stderr)
-        return e.exit_code
-    try:
         grads = {run: report.read_gradients(run) for run in args.runs}
     except AsoseError as e:
         print(f"decided: error: {e}", file=sys.stderr)

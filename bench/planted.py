@@ -74,12 +74,6 @@ def homogeneous(op: str, nodes: int = 4) -> Genotype:
     return Genotype(pairs, concat, list(pairs), list(concat))
 
 
-def decidedness(genotype: Genotype, probabilities: dict[str, list[list[float]]]) -> dict[str, list[dict]]:
-    """Per derived edge: its op's probability, the best other op's (neither `none`), and the margin
-    (`Genotype.decidedness`, which the run report shares)."""
-    return genotype.decidedness(probabilities)
-
-
 def decided_for(family, probabilities: dict[str, list[list[float]]], p_min: float = 0.5) -> dict[str, int]:
     """Per cell type, the edges (all of them, derived or not) whose most likely op is in `family` at
     probability >= p_min (0.5: four times uniform): where the search has made up its mind for the family."""
@@ -225,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 found, run_dir = search(cfg_k, s, work), search_dir(cfg_k, s, work)
                 g = Genotype.from_json(found["genotype"])
                 rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
-                             "decided": decidedness(g, found["probabilities"]),
+                             "decided": g.decidedness(found["probabilities"]),
                              "decided_family": decided_for(family, found["probabilities"]),
                              "curriculum_end": curriculum_end(cfg_k, run_dir, family, SCORED[args.task]),
                              "run": run_dir})  # its checkpoints: bench/ranking.py's input

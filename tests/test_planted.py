@@ -128,7 +128,7 @@ def test_family_share_sign_test_and_margins(planted):
     assert planted.sign_test(6, 6) == pytest.approx(1 / 64) and planted.sign_test(0, 6) == 1.0
     assert planted.sign_test(5, 6) == pytest.approx(7 / 64)
     probs = [[0.0, 0.1, 0.1, 0.1, 0.4, 0.1, 0.1, 0.1]] * 14
-    d = planted.decidedness(g, {"normal": probs, "reduce": probs})
+    d = g.decidedness({"normal": probs, "reduce": probs})
     first = d["normal"][0]
     assert first["op"] == "sep_conv_3x3" and first["p"] == 0.4 and first["p_second"] == 0.1 and first["margin"] == 0.3
     assert d["normal"][1]["margin"] == pytest.approx(0.1 - 0.4)  # max_pool chosen at 0.1 where sep3 has 0.4
