@@ -83,7 +83,7 @@ class ArchState:
     the sampled ops (host lists, filled from the indices the host reads anyway to route the step), and the
     architecture gradient's running sums per logit (`add_gradients`, `drift`)."""
 
-    def __init__(self, edges: int = 14):
+    def __init__(self, edges: int):
         self.counts = torch.zeros(2, dtype=torch.int64)   # nan_events, repaired_rows
         self.histogram: dict[str, list[int]] = {t: [0] * len(PRIMITIVES) for t in CELL_TYPES}
         # per cell type, edge and op, the logits' gradients summed over every applied architecture step, and per
