@@ -187,6 +187,24 @@ def test_damaged_checkpoint_stops_with_one_line_and_loses_nothing(tmp_path, caps
     assert before == after
 
 
+def test_a_checkpoint_with_damaged_gradient_sums_stops_with_one_line(tmp_path, capsys):
+    """The drift's sums of another shape (or damaged) in an otherwise sound checkpoint: refused in one line naming
+    the file, nothing rewritten."""
+    from engine.checkpoint import save_checkpoint
+    out = tmp_path / "run"
+    _run(preset("smoke"), out, stop_after=2)
+    path = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(str(path))
+    state["arch_counters"]["grad_sum"] = torch.zeros(3, 3)
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "version")}, str(path))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+    code = main(["search", "--resume", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1
+    assert "last.pt" in err and "incompatible checkpoint (arch_counters" in err
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*") if p.is_file()}
+
+
 def test_resume_with_nvtx_profiling(smoke_run, tmp_path):
     # --nvtx changes no result, so it may be switched on for a resumed run (it used to make the configs differ):
     # the resumed, profiled run ends exactly where the uninterrupted one does
