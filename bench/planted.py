@@ -4,6 +4,11 @@
     python bench/planted.py --task planted-lag --search-seeds 0,1,2,3,4,5 --shuffled-seeds 0,1,2 --random 20 \
         --json bench/results/planted-lag.json
     python bench/planted.py --task planted-polarity --cells --json bench/results/planted-polarity-cells.json
+    # the protocol on two cores: two processes of one thread share --work (each takes the searches and
+    # trainings no other one holds), then the same command without --shard collects the table from --work
+    OMP_NUM_THREADS=1 python bench/planted.py --task planted-lag --shard 0/2 & \
+    OMP_NUM_THREADS=1 python bench/planted.py --task planted-lag --shard 1/2; wait
+    python bench/planted.py --task planted-lag --json bench/results/planted-lag.json
     python bench/planted.py --quick        # what the test suite runs: one task, one search, a few genotypes
 
 A planted task is one whose answer is known: only one op family tells its two classes apart. Three questions:
@@ -34,11 +39,12 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import numpy as np
 
 from common import print_table, write_json
-from search_quality import search, search_dir, summarize, train
+from search_quality import parse_shard, search, search_dir, summarize, train, unless_busy
 
 from engine import report
 from engine.genotype import CELL_TYPES, Genotype, num_edges
@@ -166,12 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-seeds", default="0,1")
     p.add_argument("--epochs", type=float, default=None, help="training epochs (default: the preset's)")
     p.add_argument("--work", default="runs/planted")
+    p.add_argument("--shard", default=None,
+                   help="K/N: process K of N sharing --work (the protocol, not --table or --cells): it runs every "
+                        "search and training no other process holds, then stops; run the command again without "
+                        "--shard to collect the table")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    shard, shards = parse_shard(args.shard, "planted")
+    if shards > 1 and (args.table or args.cells):
+        raise SystemExit("planted: --shard splits the protocol's searches and trainings; run --table and --cells "
+                         "without it")
     seeds = lambda text: [int(s) for s in text.split(",") if s.strip()]  # noqa: E731
     family = PLANTED[args.task][1]
     try:
@@ -212,17 +226,34 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.random_seed)
         rows = [{"name": f"random{i}", "kind": "random", "genotype": Genotype.random(rng, cfg.nodes)}
                 for i in range(args.random)]
-        for kind, cfg_k, seed_list in (("searched", searched, seeds(args.search_seeds)),
-                                       ("shuffled", searched.override(["shuffle_labels=true"]),
-                                        seeds(args.shuffled_seeds))):
-            for s in seed_list:
-                found, run_dir = search(cfg_k, s, work), search_dir(cfg_k, s, work)
-                g = Genotype.from_json(found["genotype"])
-                rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
-                             "decided": g.decidedness(found["probabilities"]),
-                             "decided_family": decided_for(family, found["probabilities"]),
-                             "curriculum_end": curriculum_end(cfg_k, run_dir, family, SCORED[args.task]),
-                             "run": run_dir})  # its checkpoints: bench/ranking.py's input
+        searches = [(kind, cfg_k, s) for kind, cfg_k, seed_list in
+                    (("searched", searched, seeds(args.search_seeds)),
+                     ("shuffled", searched.override(["shuffle_labels=true"]), seeds(args.shuffled_seeds)))
+                    for s in seed_list]
+        if shards > 1:
+            # the searches first (the long work), then the trainings; each process takes what no other one holds
+            t0 = time.perf_counter()
+            for _, cfg_k, s in searches:
+                unless_busy(search, cfg_k, s, work)
+            for r in rows:
+                for ts in train_seeds:
+                    unless_busy(train, recipe, r["name"], r["genotype"], ts, work)
+            for kind, cfg_k, s in searches:
+                if kind == "searched":  # waits for a search another process still runs
+                    g = Genotype.from_json(search(cfg_k, s, work)["genotype"])
+                    for ts in train_seeds:
+                        unless_busy(train, recipe, f"{kind}{s}", g, ts, work)
+            print(f"planted: shard {shard}/{shards} done in {time.perf_counter() - t0:.0f}s; run the command again "
+                  f"without --shard to collect the table")
+            return 0
+        for kind, cfg_k, s in searches:
+            found, run_dir = search(cfg_k, s, work), search_dir(cfg_k, s, work)
+            g = Genotype.from_json(found["genotype"])
+            rows.append({"name": f"{kind}{s}", "kind": kind, "genotype": g, "search_s": found["search_s"],
+                         "decided": g.decidedness(found["probabilities"]),
+                         "decided_family": decided_for(family, found["probabilities"]),
+                         "curriculum_end": curriculum_end(cfg_k, run_dir, family, SCORED[args.task]),
+                         "run": run_dir})  # its checkpoints: bench/ranking.py's input
         for r in rows:
             r["share"] = r["genotype"].share(family)
             if r["kind"] != "shuffled":  # the control's genotypes are judged by their shares alone

@@ -277,7 +277,9 @@ def genotype_costs(recipe: Config, latency_table: str | None = None):
     return costs
 
 
-def _parse_shard(text: str | None) -> tuple[int, int]:
+def parse_shard(text: str | None, prog: str = "search_quality") -> tuple[int, int]:
+    """--shard K/N as (K, N); (0, 1) without it. Shards claim work, they do not split it by position: K only
+    names the process in its output."""
     if text is None:
         return 0, 1
     try:
@@ -285,8 +287,17 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
         if not 0 <= k < n:
             raise ValueError
     except ValueError:
-        raise SystemExit(f"search_quality: --shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/2") from None
+        raise SystemExit(f"{prog}: --shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/2") from None
     return k, n
+
+
+def unless_busy(fn, *a) -> None:
+    """`fn(*a)` (a `search` or `train`) unless another live process holds its record: a shard's way through
+    the work, taking each piece no other process has taken."""
+    try:
+        fn(*a, busy="skip")
+    except Busy:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    shard, shards = _parse_shard(args.shard)
+    shard, shards = parse_shard(args.shard)
     try:
         base = preset(args.preset).override(args.overrides)
         recipe = base.override(TRAIN_ONLY + [f"optimize_epochs={args.epochs}"] + args.train_set)
@@ -377,11 +388,6 @@ def main(argv: list[str] | None = None) -> int:
                 enter_imported(imported, recipe, as_name, g, args.work)
             return out
 
-        def unless_busy(fn, *a) -> None:
-            try:
-                fn(*a, busy="skip")
-            except Busy:
-                pass
         # every process takes each piece of work that no other one holds (claim files in --work), so shards
         # balance however much of the work is already done; a training of a search that another shard is still
         # running waits for it, and collecting the table below waits for what the shards still hold

@@ -103,6 +103,13 @@ def test_shuffled_labels_keep_the_images_and_the_test_set():
     assert 0.4 < agree < 0.6  # two balanced classes: a shuffle keeps about half the labels by chance
 
 
+def test_shard_of_the_table_or_a_malformed_shard_is_one_line(planted):
+    with pytest.raises(SystemExit, match="--shard splits the protocol"):
+        planted.main(["--table", "--shard", "0/2"])
+    with pytest.raises(SystemExit, match="expected K/N"):
+        planted.main(["--quick", "--shard", "2/2"])
+
+
 def test_unknown_planted_name_is_one_line(capsys):
     from engine.cli import main
     assert main(["data", "--dataset", "planted-nothing"]) == 2
@@ -183,9 +190,17 @@ def test_load_dataset_of_a_planted_task_takes_only_the_counts():
 
 @pytest.mark.slow
 def test_quick_protocol_writes_shares_margins_and_a_verdict(planted, tmp_path, monkeypatch):
-    """bench/planted.py --quick end to end: one search on the real labels, three random genotypes, every record
-    kept in --work; collected again, it trains nothing and writes the same file."""
+    """bench/planted.py --quick end to end: a shard alone on its --work does every search and training and
+    writes no table; collected, nothing trains again; every record kept in --work."""
     out, work = tmp_path / "p.json", tmp_path / "work"
+    assert planted.main(["--quick", "--work", str(work), "--json", str(out), "--shard", "1/2"]) == 0
+    assert not out.exists() and not list(work.rglob("*.claim"))
+    assert len(list(work.rglob("train-*.json"))) == 4 and len(list(work.rglob("search-*.json"))) == 1
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again although the result was kept in --work")
+    import search_quality
+    monkeypatch.setattr(search_quality, "Trainer", no_training)
     assert planted.main(["--quick", "--work", str(work), "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = {r["name"]: r for r in data["records"]}
@@ -201,11 +216,6 @@ def test_quick_protocol_writes_shares_margins_and_a_verdict(planted, tmp_path, m
     assert searched["above_p90"] == (searched["share_scored"] > data["verdict"]["random_share_p90"])
     assert data["verdict"]["real_n"] == 1 and isinstance(data["verdict"]["passes"], bool)
     assert all(0 <= r["test_acc"] <= 1 for r in data["records"])
-
-    def no_training(*a, **k):
-        raise AssertionError("trained again although the result was kept in --work")
-    import search_quality
-    monkeypatch.setattr(search_quality, "Trainer", no_training)
     again = tmp_path / "again.json"
     assert planted.main(["--quick", "--work", str(work), "--json", str(again)]) == 0
     assert json.loads(again.read_text())["records"] == data["records"]
