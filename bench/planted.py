@@ -230,19 +230,21 @@ def main(argv: list[str] | None = None) -> int:
                     (("searched", searched, seeds(args.search_seeds)),
                      ("shuffled", searched.override(["shuffle_labels=true"]), seeds(args.shuffled_seeds)))
                     for s in seed_list]
-        if shards > 1:
-            # the searches first (the long work), then the trainings; each process takes what no other one holds
-            t0 = time.perf_counter()
-            for _, cfg_k, s in searches:
-                unless_busy(search, cfg_k, s, work)
-            for r in rows:
+        # the searches first (the long work), then the trainings; every process takes what no other one holds
+        # (bench/search_quality.py's claims), so shards balance and collecting the table below waits only for
+        # what another process still holds
+        t0 = time.perf_counter()
+        for _, cfg_k, s in searches:
+            unless_busy(search, cfg_k, s, work)
+        for r in rows:
+            for ts in train_seeds:
+                unless_busy(train, recipe, r["name"], r["genotype"], ts, work)
+        for kind, cfg_k, s in searches:
+            if kind == "searched":  # waits for a search another process still runs
+                g = Genotype.from_json(search(cfg_k, s, work)["genotype"])
                 for ts in train_seeds:
-                    unless_busy(train, recipe, r["name"], r["genotype"], ts, work)
-            for kind, cfg_k, s in searches:
-                if kind == "searched":  # waits for a search another process still runs
-                    g = Genotype.from_json(search(cfg_k, s, work)["genotype"])
-                    for ts in train_seeds:
-                        unless_busy(train, recipe, f"{kind}{s}", g, ts, work)
+                    unless_busy(train, recipe, f"{kind}{s}", g, ts, work)
+        if shards > 1:
             print(f"planted: shard {shard}/{shards} done in {time.perf_counter() - t0:.0f}s; run the command again "
                   f"without --shard to collect the table")
             return 0
